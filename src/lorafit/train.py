@@ -1,0 +1,405 @@
+"""The training recipe: one readable loop from config to run directory.
+
+Accelerate handles the device, mixed precision and multi-process runs (`accelerate launch -m lorafit.cli
+train ...`); the loop itself is plain PyTorch so a reader sees every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import (
+    Collator, DataBundle, Encoded, EncodedDataset, LengthGroupedBatches, encode, filter_by_length, load_data,
+)
+from .errors import LorafitError
+from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
+from .fileio import atomic_write_json, atomic_write_text
+from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
+from .rundir import MetricsLog, RunRecord, new_run_dir
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class Run:
+    """What `lorafit.train` returns: where the run lives and what it measured."""
+
+    path: Path
+    config: Config
+    test_metrics: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def load(self):
+        from .predict import load
+
+        return load(self.path)
+
+
+# --- devices and precision -----------------------------------------------------------------------------
+def cpu_supports_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32. Without them bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LorafitError("train.device: cuda requested but no CUDA GPU is visible; use --device auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LorafitError("train.device: mps requested but Apple MPS is not available; use --device auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise LorafitError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"  # MPS autocast covers few ops; fp32 is the safe default there
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if device == "cpu":
+        torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    accelerator = Accelerator(
+        cpu=device == "cpu", mixed_precision=PRECISIONS[precision],
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+    )
+    return accelerator, precision
+
+
+# --- data preparation ----------------------------------------------------------------------------------
+def length_stats(lengths: np.ndarray, max_length: int) -> dict[str, Any]:
+    if len(lengths) == 0:
+        return {}
+    width = 8
+    top = int(lengths.max())
+    counts = np.bincount(lengths // width, minlength=top // width + 1)
+    return {
+        "mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+        "max": top, "truncated": int((lengths > max_length).sum()), "max_length": max_length,
+        "histogram": {"bin_width": width, "counts": counts.tolist()},
+    }
+
+
+def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encoded]:
+    encoded = {}
+    dropped = {}
+    for name in ("train", "validation", "test"):
+        split = getattr(bundle, name)
+        enc = encode(tokenizer, split.texts, cfg.data.max_length, split.labels)
+        bundle.summary.setdefault("token_lengths", {})[name] = length_stats(enc.full_lengths, cfg.data.max_length)
+        if name != "test":  # the test set is what it is: filtering it would flatter the score
+            enc, split, n = filter_by_length(enc, split, cfg.data.min_tokens, cfg.data.max_tokens)
+            setattr(bundle, name, split)
+            if n:
+                dropped[name] = n
+        encoded[name] = enc
+    if cfg.data.min_tokens or cfg.data.max_tokens:
+        bundle.summary["dropped_by_length"] = dropped
+    if len(encoded["train"]) == 0:
+        raise LorafitError("no training rows left after length filtering; loosen --min-tokens/--max-tokens")
+    bundle.summary["sizes"] = {k: len(v) for k, v in encoded.items()}
+    return encoded
+
+
+# --- the recipe ----------------------------------------------------------------------------------------
+def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, **overrides) -> Run:
+    """Fine-tune, evaluate and save a classifier; return the Run. `config` is a Config, a dict or a YAML path."""
+    cfg = _as_config(config).with_overrides(overrides) if overrides else _as_config(config)
+    accelerator, precision = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    console = console or _console(main)
+    t_start = time.time()
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    bundle = load_data(cfg.data, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    encoded = encode_splits(bundle, tokenizer, cfg)
+    set_seed(cfg.train.seed)  # the head's initialisation does not depend on how much data loading drew
+    model, minfo = prepare_model(cfg.model, len(bundle.label_names), bundle.label_names)
+
+    run_dir = new_run_dir(cfg) if main else None
+    record = RunRecord.start(run_dir) if main else None
+    try:
+        if main:
+            cfg.to_yaml(run_dir / "config.yaml")
+            atomic_write_json(run_dir / "labels.json", bundle.label_names)
+            atomic_write_json(run_dir / "data.json", bundle.summary)
+            atomic_write_json(run_dir / "splits.json", {
+                k: getattr(bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
+            tokenizer.save_pretrained(run_dir / "tokenizer")
+            record.update(precision=precision, device=str(accelerator.device), model=minfo.as_dict(),
+                          data_sizes=bundle.summary["sizes"])
+            console.print(
+                f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {minfo.trainable:,} / total "
+                f"{minfo.total:,} ({minfo.percent:.2f}%), budget "
+                f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
+                f"device {accelerator.device}, precision {precision}; "
+                f"train/validation/test {len(encoded['train'])}/{len(encoded['validation'])}/{len(encoded['test'])}"
+            )
+        result = _fit(cfg, model, tokenizer, encoded, bundle.label_names, accelerator, console, run_dir, record)
+        info = {"wall_time_s": round(time.time() - t_start, 2), **result["info"]}
+        if main:
+            save_weights(accelerator.unwrap_model(model), cfg.model, run_dir / "model")
+            atomic_write_json(run_dir / "test_metrics.json", result["test_metrics"])
+            _write_test_predictions(run_dir / "test_predictions.csv", bundle, result["test_logits"])
+            record.update(status="completed", finished_at=_now(), **info)
+            _report_if_available(run_dir, console)
+            t = result["test_metrics"]
+            console.print(
+                f"[bold green]test accuracy {t['accuracy']:.4f}[/]  macro F1 {t['f1_macro']:.4f}  "
+                f"loss {t['loss']:.4f}  ({info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s)  "
+                f"-> {run_dir}"
+            )
+        return Run(run_dir, cfg, result["test_metrics"], info)
+    except KeyboardInterrupt:
+        if main:
+            record.update(status="interrupted", finished_at=_now())
+        raise
+    except BaseException as exc:
+        if main:
+            record.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+
+
+def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, console, run_dir, record) -> dict[str, Any]:
+    t = cfg.train
+    main = accelerator.is_main_process
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_enc = encoded["train"]
+    sampler = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size, t.seed, t.group_by_length)
+    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler, collate_fn=Collator(pad_id))
+
+    steps_per_epoch = math.ceil(len(sampler) / t.grad_accum_steps)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.learning_rate, weight_decay=t.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler("constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    log = MetricsLog(run_dir / "metrics.jsonl") if main else None
+    evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator)  # noqa: E731
+    best_value, best_state, best_step, bad_evals = None, None, 0, 0
+    step, samples, real_tokens, padded_tokens, train_time = 0, 0, 0, 0, 0.0
+    deadline = time.time() + t.time_budget_minutes * 60 if t.time_budget_minutes else None
+    stop_reason = "completed"
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    progress = _progress(console, main, total_steps)
+
+    def run_eval(epoch: float) -> bool:
+        """Evaluate on validation, keep the best state; return True when early stopping says stop."""
+        nonlocal best_value, best_state, best_step, bad_evals
+        m = evaluate("validation")
+        value = m[t.metric_for_best]
+        improved = better(t.metric_for_best, value, best_value)
+        if improved:
+            best_value, best_step, bad_evals = value, step, 0
+            best_state = trainable_state_dict(accelerator.unwrap_model(model))
+        else:
+            bad_evals += 1
+        if main:
+            log.write(type="eval", split="validation", step=step, epoch=round(epoch, 4), **scalar_metrics(m),
+                      per_class=m["per_class"], confusion_matrix=m["confusion_matrix"], best=improved)
+            progress.console.print(
+                f"step {step} epoch {epoch:.2f}: validation accuracy {m['accuracy']:.4f} macro F1 {m['f1_macro']:.4f} "
+                f"loss {m['loss']:.4f}{'  (best)' if improved else ''}"
+            )
+        return t.early_stopping_patience is not None and bad_evals >= t.early_stopping_patience
+
+    model.train()
+    epoch = 0
+    with progress:
+        task = progress.add_task("train", total=total_steps, info="")
+        while step < total_steps and stop_reason == "completed":
+            sampler.set_epoch(epoch)
+            t0 = time.time()
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                samples += len(batch["labels"])
+                real_tokens += int(batch["attention_mask"].sum())
+                padded_tokens += batch["attention_mask"].numel()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                if step % t.log_every == 0 or step == total_steps:
+                    train_time += time.time() - t0
+                    t0 = time.time()
+                    mean_loss = (loss_sum / loss_count).item()
+                    if not math.isfinite(mean_loss):
+                        raise LorafitError(
+                            f"training loss became {mean_loss} at step {step}; lower --learning-rate or use "
+                            "--precision fp32"
+                        )
+                    lr = scheduler.get_last_lr()[0]
+                    sps = samples * accelerator.num_processes / max(train_time, 1e-9)
+                    if main:
+                        log.write(type="train", step=step, epoch=round(epoch + _fraction(step, steps_per_epoch, epoch), 4),
+                                  loss=mean_loss, lr=lr, samples_per_s=round(sps, 2))
+                    progress.update(task, completed=step, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
+                    loss_sum.zero_()
+                    loss_count = 0
+                if t.eval_every and step % t.eval_every == 0:
+                    train_time += time.time() - t0
+                    if run_eval(epoch + _fraction(step, steps_per_epoch, epoch)):
+                        stop_reason = "early_stopping"
+                    t0 = time.time()
+                if deadline and time.time() > deadline and stop_reason == "completed":
+                    stop_reason = "time_budget"
+                if step >= total_steps or stop_reason != "completed":
+                    break
+            train_time += time.time() - t0
+            epoch += 1
+            progress.update(task, completed=step)
+            if not (t.eval_every and step % t.eval_every == 0):  # not just evaluated at this very step
+                if run_eval(min(epoch, step / steps_per_epoch)) and stop_reason == "completed":
+                    stop_reason = "early_stopping"
+
+    unwrapped = accelerator.unwrap_model(model)
+    if best_state is not None:
+        load_trainable_state_dict(unwrapped, best_state)
+    test_metrics = _evaluate(model, encoded["test"], label_names, t.eval_batch_size, pad_id, accelerator)
+    test_logits = test_metrics.pop("_logits")
+    if main:
+        log.write(type="eval", split="test", step=step, epoch=round(step / steps_per_epoch, 4), **scalar_metrics(test_metrics),
+                  per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
+        log.close()
+    info = {
+        "steps": step, "epochs_completed": round(step / steps_per_epoch, 4), "stop_reason": stop_reason,
+        "best_step": best_step, f"best_validation_{t.metric_for_best}": best_value,
+        "train_samples": samples * accelerator.num_processes, "train_time_s": round(train_time, 2),
+        "train_samples_per_s": round(samples * accelerator.num_processes / max(train_time, 1e-9), 2),
+        "padding_efficiency": round(real_tokens / max(padded_tokens, 1), 4),
+    }
+    return {"test_metrics": test_metrics, "test_logits": test_logits, "info": info}
+
+
+def _fraction(step: int, steps_per_epoch: int, epoch: int) -> float:
+    return min(1.0, max(0.0, step / steps_per_epoch - epoch))
+
+
+def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator) -> dict[str, Any]:
+    logits = predict_logits(accelerator.unwrap_model(model), enc, batch_size, pad_id, accelerator.device,
+                            autocast=accelerator.autocast)
+    metrics = compute_metrics(enc.labels, logits, label_names)
+    metrics["_logits"] = logits
+    return metrics
+
+
+def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm; the head may get its own learning rate."""
+    head_lr = cfg.train.head_learning_rate or cfg.train.learning_rate
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        is_head = "modules_to_save" in name or name.split(".")[0] in ("classifier", "pre_classifier", "score")
+        groups.setdefault((no_decay, is_head), []).append(p)
+    return [
+        {"params": ps, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
+         "lr": head_lr if is_head else cfg.train.learning_rate}
+        for (no_decay, is_head), ps in groups.items()
+    ]
+
+
+def _write_test_predictions(path: Path, bundle: DataBundle, logits: np.ndarray) -> None:
+    probs = softmax(logits)
+    names = bundle.label_names
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["row", "text", "label", "predicted"] + [f"prob_{n}" for n in names])
+    for i, text in enumerate(bundle.test.texts):
+        writer.writerow([int(bundle.test.source_rows[i]), text, names[bundle.test.labels[i]], names[int(probs[i].argmax())]]
+                        + [f"{p:.6f}" for p in probs[i]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _report_if_available(run_dir: Path, console) -> None:
+    """The report is a bonus on top of the run: a failure to draw is a warning, never a failed run."""
+    try:
+        from . import report
+    except ImportError:
+        return
+    try:
+        report.write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - plotting must never break a finished run
+        console.print(f"[yellow]warning: the report could not be written ({type(exc).__name__}: {exc}); "
+                      f"results are intact; retry with: lorafit report {run_dir}[/]")
+
+
+def _as_config(config) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return Config.from_dict(config)
+    return Config.from_yaml(config)
+
+
+def _console(main: bool):
+    from rich.console import Console
+
+    return Console(quiet=not main, stderr=False)
+
+
+def _progress(console, main: bool, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), console=console, disable=not main, transient=False,
+    )
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
