@@ -12,18 +12,9 @@ from .config import Config  # noqa: E402
 from .errors import LorafitError  # noqa: E402
 
 
-def train(config=None, **overrides):
-    """Fine-tune, evaluate and save; return a Run (path, config, test_metrics). See lorafit.train.train."""
-    from .train import train as _train
+# Imported eagerly: binding the functions here keeps `lorafit.train` the function, not the submodule of
+# the same name that Python would otherwise set as an attribute on first import.
+from .predict import Classifier, load  # noqa: E402
+from .train import Run, train  # noqa: E402
 
-    return _train(config, **overrides)
-
-
-def load(run_dir, **kwargs):
-    """Load a completed run directory as a Classifier with predict / predict_proba."""
-    from .predict import load as _load
-
-    return _load(run_dir, **kwargs)
-
-
-__all__ = ["Config", "LorafitError", "train", "load", "__version__"]
+__all__ = ["Classifier", "Config", "LorafitError", "Run", "load", "train", "__version__"]

@@ -91,8 +91,8 @@ class ModelConfig(_Section):
     param_budget: Optional[int] = Field(
         1_000_000,
         ge=1,
-        description="Trainable-parameter budget; a model over it is an error. Set 'null' in YAML or use "
-        "--no-budget to lift it (needed for method=full).",
+        description="Trainable-parameter budget; a model over it is an error. Lift it with 'none' "
+        "(--param-budget none, or null in YAML), as method=full needs.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off: it runs code).")
 
