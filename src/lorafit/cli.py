@@ -36,8 +36,9 @@ def cli_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except LorafitError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            code = getattr(exc, "exit_code", 2)
+            err.print(f"[bold red]{'error' if code == 2 else 'stopped'}:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None

@@ -129,6 +129,10 @@ class TrainConfig(_Section):
     time_budget_minutes: Optional[float] = Field(
         None, gt=0, description="Stop training after this many minutes and keep the best checkpoint."
     )
+    checkpoint_every: Optional[int] = Field(
+        200, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at each epoch end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
 
 
 class OutputConfig(_Section):

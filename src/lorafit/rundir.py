@@ -84,6 +84,16 @@ class RunRecord:
         rec.save()
         return rec
 
+    @classmethod
+    def reopen(cls, run_dir: Path) -> "RunRecord":
+        """A resumed run: same record, status back to running."""
+        data = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        data.pop("error", None)
+        rec = cls(run_dir / "run.json", {**data, "status": "running",
+                                        "resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        rec.save()
+        return rec
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()

@@ -24,7 +24,7 @@ from .config import Config
 from .data import (
     Collator, DataBundle, Encoded, EncodedDataset, LengthGroupedBatches, encode, filter_by_length, load_data,
 )
-from .errors import LorafitError
+from .errors import Interrupted, LorafitError
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .fileio import atomic_write_json, atomic_write_text
 from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
@@ -134,9 +134,38 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
 
 
 # --- the recipe ----------------------------------------------------------------------------------------
+# Options that may change when resuming: they do not alter the data, the model or the optimizer.
+RESUMABLE_OVERRIDES = {"epochs", "max_steps", "time_budget_minutes", "eval_every", "log_every", "checkpoint_every",
+                       "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size"}
+
+
 def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, **overrides) -> Run:
     """Fine-tune, evaluate and save a classifier; return the Run. `config` is a Config, a dict or a YAML path."""
     cfg = _as_config(config).with_overrides(overrides) if overrides else _as_config(config)
+    return _run(cfg, console=console)
+
+
+def resume(run_dir: Union[str, Path], *, console=None, **overrides) -> Run:
+    """Continue an interrupted or failed run from its latest checkpoint."""
+    from .checkpoint import list_checkpoints
+    from .rundir import read_run
+
+    run_dir, cfg, info = read_run(run_dir, require_completed=False)
+    if info.get("status") == "completed":
+        raise LorafitError(f"{run_dir}: run already completed; nothing to resume")
+    fixed = sorted(set(overrides) - RESUMABLE_OVERRIDES)
+    if fixed:
+        raise LorafitError(f"--resume: {', '.join(fixed)} cannot change in a resumed run (only "
+                           f"{', '.join(sorted(RESUMABLE_OVERRIDES))}); start a new run instead")
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise LorafitError(f"{run_dir}: no checkpoint to resume from; start the run again with lorafit train")
+    return _run(cfg, console=console, run_dir=run_dir, resume_from=checkpoints[-1])
+
+
+def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> Run:
     accelerator, precision = make_accelerator(cfg)
     main = accelerator.is_main_process
     console = console or _console(main)
@@ -151,10 +180,11 @@ def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, 
     set_seed(cfg.train.seed)  # the head's initialisation does not depend on how much data loading drew
     model, minfo = prepare_model(cfg.model, len(bundle.label_names), bundle.label_names)
 
-    run_dir = new_run_dir(cfg) if main else None
-    record = RunRecord.start(run_dir) if main else None
+    if resume_from is None and main:
+        run_dir = new_run_dir(cfg)
+    record = (RunRecord.start(run_dir) if resume_from is None else RunRecord.reopen(run_dir)) if main else None
     try:
-        if main:
+        if main and resume_from is None:
             cfg.to_yaml(run_dir / "config.yaml")
             atomic_write_json(run_dir / "labels.json", bundle.label_names)
             atomic_write_json(run_dir / "data.json", bundle.summary)
@@ -163,14 +193,18 @@ def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, 
             tokenizer.save_pretrained(run_dir / "tokenizer")
             record.update(precision=precision, device=str(accelerator.device), model=minfo.as_dict(),
                           data_sizes=bundle.summary["sizes"])
+        if main:
+            _check_same_splits(run_dir, bundle) if resume_from is not None else None
             console.print(
                 f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {minfo.trainable:,} / total "
                 f"{minfo.total:,} ({minfo.percent:.2f}%), budget "
                 f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
                 f"device {accelerator.device}, precision {precision}; "
                 f"train/validation/test {len(encoded['train'])}/{len(encoded['validation'])}/{len(encoded['test'])}"
+                + (f"; resuming from {resume_from.name}" if resume_from is not None else "")
             )
-        result = _fit(cfg, model, tokenizer, encoded, bundle.label_names, accelerator, console, run_dir, record)
+        result = _fit(cfg, model, tokenizer, encoded, bundle.label_names, accelerator, console, run_dir, record,
+                      resume_from)
         info = {"wall_time_s": round(time.time() - t_start, 2), **result["info"]}
         if main:
             save_weights(accelerator.unwrap_model(model), cfg.model, run_dir / "model")
@@ -185,7 +219,7 @@ def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, 
                 f"-> {run_dir}"
             )
         return Run(run_dir, cfg, result["test_metrics"], info)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         if main:
             record.update(status="interrupted", finished_at=_now())
         raise
@@ -195,13 +229,56 @@ def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, 
         raise
 
 
-def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, console, run_dir, record) -> dict[str, Any]:
+def _check_same_splits(run_dir: Path, bundle: DataBundle) -> None:
+    recorded = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+    for name in ("train", "validation", "test"):
+        if recorded[name] != getattr(bundle, name).source_rows.tolist():
+            raise LorafitError(f"{run_dir}: the {name} split differs from the recorded one (splits.json); "
+                               "the data changed since the run started, so it cannot be resumed")
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops cleanly."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, console, run_dir, record,
+         resume_from: Optional[Path] = None) -> dict[str, Any]:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
     t = cfg.train
     main = accelerator.is_main_process
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_enc = encoded["train"]
     sampler = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size, t.seed, t.group_by_length)
-    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler, collate_fn=Collator(pad_id))
+    # the loader gets its own generator so creating an iterator never draws from the global RNG (exact resume)
+    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler, collate_fn=Collator(pad_id),
+                                         generator=torch.Generator().manual_seed(t.seed))
 
     steps_per_epoch = math.ceil(len(sampler) / t.grad_accum_steps)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -214,43 +291,61 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    # everything the loop carries from step to step; a checkpoint saves it, a resume restores it
+    st: dict[str, Any] = dict(epoch=0, batches_done=0, best_value=None, best_step=0, bad_evals=0, samples=0,
+                              real_tokens=0, padded_tokens=0, train_time=0.0, loss_sum=0.0, loss_count=0)
+    best_state, step = None, 0
+    if resume_from is not None:
+        restored, best_state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                               accelerator.scaler)
+        st.update({k: restored[k] for k in st})
+        step = restored["step"]
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", restored["step"])
     log = MetricsLog(run_dir / "metrics.jsonl") if main else None
     evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator)  # noqa: E731
-    best_value, best_state, best_step, bad_evals = None, None, 0, 0
-    step, samples, real_tokens, padded_tokens, train_time = 0, 0, 0, 0, 0.0
-    deadline = time.time() + t.time_budget_minutes * 60 if t.time_budget_minutes else None
+    deadline = time.time() + t.time_budget_minutes * 60 - st["train_time"] if t.time_budget_minutes else None
     stop_reason = "completed"
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    loss_sum = torch.tensor(st["loss_sum"], device=accelerator.device)
     progress = _progress(console, main, total_steps)
+    kill_after = int(os.environ.get("LORAFIT_TEST_KILL_AFTER_STEP", "0"))  # crash-test hook: SIGKILL self
 
-    def run_eval(epoch: float) -> bool:
+    def epoch_position() -> float:
+        return round(st["epoch"] + min(1.0, st["batches_done"] / max(len(sampler), 1)), 4)
+
+    def run_eval() -> bool:
         """Evaluate on validation, keep the best state; return True when early stopping says stop."""
-        nonlocal best_value, best_state, best_step, bad_evals
+        nonlocal best_state
         m = evaluate("validation")
-        value = m[t.metric_for_best]
-        improved = better(t.metric_for_best, value, best_value)
+        improved = better(t.metric_for_best, m[t.metric_for_best], st["best_value"])
         if improved:
-            best_value, best_step, bad_evals = value, step, 0
+            st.update(best_value=m[t.metric_for_best], best_step=step, bad_evals=0)
             best_state = trainable_state_dict(accelerator.unwrap_model(model))
         else:
-            bad_evals += 1
+            st["bad_evals"] += 1
         if main:
-            log.write(type="eval", split="validation", step=step, epoch=round(epoch, 4), **scalar_metrics(m),
+            log.write(type="eval", split="validation", step=step, epoch=epoch_position(), **scalar_metrics(m),
                       per_class=m["per_class"], confusion_matrix=m["confusion_matrix"], best=improved)
             progress.console.print(
-                f"step {step} epoch {epoch:.2f}: validation accuracy {m['accuracy']:.4f} macro F1 {m['f1_macro']:.4f} "
-                f"loss {m['loss']:.4f}{'  (best)' if improved else ''}"
+                f"step {step} epoch {epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
+                f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}"
             )
-        return t.early_stopping_patience is not None and bad_evals >= t.early_stopping_patience
+        return t.early_stopping_patience is not None and st["bad_evals"] >= t.early_stopping_patience
+
+    def checkpoint() -> None:
+        if main:
+            st["loss_sum"] = float(loss_sum)
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler,
+                            dict(st), best_state, t.keep_checkpoints)
 
     model.train()
-    epoch = 0
-    with progress:
-        task = progress.add_task("train", total=total_steps, info="")
+    with progress, _StopSignals() as signals:
+        task = progress.add_task("train", total=total_steps, info="", completed=step)
         while step < total_steps and stop_reason == "completed":
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(st["epoch"])
+            batches = accelerator.skip_first_batches(loader, st["batches_done"]) if st["batches_done"] else loader
             t0 = time.time()
-            for batch in loader:
+            for batch in batches:
                 with accelerator.accumulate(model):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
@@ -261,45 +356,61 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
-                loss_count += 1
-                samples += len(batch["labels"])
-                real_tokens += int(batch["attention_mask"].sum())
-                padded_tokens += batch["attention_mask"].numel()
+                st["loss_count"] += 1
+                st["batches_done"] += 1
+                st["samples"] += len(batch["labels"])
+                st["real_tokens"] += int(batch["attention_mask"].sum())
+                st["padded_tokens"] += batch["attention_mask"].numel()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
                 if step % t.log_every == 0 or step == total_steps:
-                    train_time += time.time() - t0
+                    st["train_time"] += time.time() - t0
                     t0 = time.time()
-                    mean_loss = (loss_sum / loss_count).item()
+                    mean_loss = (loss_sum / st["loss_count"]).item()
                     if not math.isfinite(mean_loss):
-                        raise LorafitError(
-                            f"training loss became {mean_loss} at step {step}; lower --learning-rate or use "
-                            "--precision fp32"
-                        )
+                        last = _latest_checkpoint_note(run_dir)
+                        raise LorafitError(f"training loss became {mean_loss} at step {step}; {last}lower "
+                                           "--learning-rate or use --precision fp32 and train again")
                     lr = scheduler.get_last_lr()[0]
-                    sps = samples * accelerator.num_processes / max(train_time, 1e-9)
+                    sps = st["samples"] * accelerator.num_processes / max(st["train_time"], 1e-9)
                     if main:
-                        log.write(type="train", step=step, epoch=round(epoch + _fraction(step, steps_per_epoch, epoch), 4),
-                                  loss=mean_loss, lr=lr, samples_per_s=round(sps, 2))
+                        log.write(type="train", step=step, epoch=epoch_position(), loss=mean_loss, lr=lr,
+                                  samples_per_s=round(sps, 2))
                     progress.update(task, completed=step, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
                     loss_sum.zero_()
-                    loss_count = 0
+                    st["loss_count"] = 0
                 if t.eval_every and step % t.eval_every == 0:
-                    train_time += time.time() - t0
-                    if run_eval(epoch + _fraction(step, steps_per_epoch, epoch)):
+                    st["train_time"] += time.time() - t0
+                    if run_eval():
                         stop_reason = "early_stopping"
                     t0 = time.time()
                 if deadline and time.time() > deadline and stop_reason == "completed":
                     stop_reason = "time_budget"
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and st["batches_done"] < len(sampler):
+                    st["train_time"] += time.time() - t0
+                    checkpoint()
+                    t0 = time.time()
+                if signals.received:
+                    st["train_time"] += time.time() - t0
+                    checkpoint()
+                    raise Interrupted(f"{signals.received} at step {step}; checkpoint saved; resume with: "
+                                      f"lorafit train --resume {run_dir}")
+                if kill_after and step == kill_after:
+                    os.kill(os.getpid(), 9)
                 if step >= total_steps or stop_reason != "completed":
                     break
-            train_time += time.time() - t0
-            epoch += 1
+            st["train_time"] += time.time() - t0
             progress.update(task, completed=step)
+            epoch_done = st["batches_done"] >= len(sampler)
             if not (t.eval_every and step % t.eval_every == 0):  # not just evaluated at this very step
-                if run_eval(min(epoch, step / steps_per_epoch)) and stop_reason == "completed":
+                if run_eval() and stop_reason == "completed":
                     stop_reason = "early_stopping"
+            if epoch_done:
+                st["epoch"] += 1
+                st["batches_done"] = 0
+            if step < total_steps and stop_reason == "completed":
+                checkpoint()
 
     unwrapped = accelerator.unwrap_model(model)
     if best_state is not None:
@@ -312,16 +423,35 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
         log.close()
     info = {
         "steps": step, "epochs_completed": round(step / steps_per_epoch, 4), "stop_reason": stop_reason,
-        "best_step": best_step, f"best_validation_{t.metric_for_best}": best_value,
-        "train_samples": samples * accelerator.num_processes, "train_time_s": round(train_time, 2),
-        "train_samples_per_s": round(samples * accelerator.num_processes / max(train_time, 1e-9), 2),
-        "padding_efficiency": round(real_tokens / max(padded_tokens, 1), 4),
+        "best_step": st["best_step"], f"best_validation_{t.metric_for_best}": st["best_value"],
+        "train_samples": st["samples"] * accelerator.num_processes, "train_time_s": round(st["train_time"], 2),
+        "train_samples_per_s": round(st["samples"] * accelerator.num_processes / max(st["train_time"], 1e-9), 2),
+        "padding_efficiency": round(st["real_tokens"] / max(st["padded_tokens"], 1), 4),
+        "resumed": resume_from is not None,
     }
     return {"test_metrics": test_metrics, "test_logits": test_logits, "info": info}
 
 
-def _fraction(step: int, steps_per_epoch: int, epoch: int) -> float:
-    return min(1.0, max(0.0, step / steps_per_epoch - epoch))
+def _latest_checkpoint_note(run_dir) -> str:
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir) if run_dir else []
+    return f"the last good checkpoint is {found[-1]}; " if found else ""
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if row.get("step", 0) <= step and row.get("split") != "test":
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, grad scaler, every RNG state and the position
+in the data, so `lorafit train --resume RUN` continues exactly where a killed run stopped.
+
+Hand-written rather than Accelerate's save_state: that pickles RNG states and saves the frozen backbone too;
+this saves only what training changes, as safetensors + JSON, and loads without unpickling anything.
+
+    checkpoints/step-000200/
+        trainable.safetensors   parameters that train (LoRA + head, or everything for full fine-tuning)
+        best.safetensors        the best-so-far trainable parameters (restored at the end of training)
+        optimizer.safetensors   AdamW moments and step counts; optimizer.json holds the param groups
+        rng.safetensors         torch CPU (and CUDA) generator states
+        state.json              step, epoch, batches done in the epoch, best metric, counters, scheduler,
+                                scaler, Python and NumPy RNG states
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LorafitError
+from .fileio import atomic_write_json
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _flat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return tensors, {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, np_gauss))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scaler, loop_state: dict[str, Any],
+                    best_state: Optional[dict[str, torch.Tensor]], keep: int) -> Path:
+    """Write checkpoints/step-N in a temporary directory and rename it into place; prune old ones."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_file(_flat({n: p for n, p in model.named_parameters() if p.requires_grad}), tmp / "trainable.safetensors")
+        if best_state is not None:
+            save_file(_flat(best_state), tmp / "best.safetensors")
+        opt = optimizer.state_dict()
+        save_file(_flat({f"{pid}.{key}": value for pid, st in opt["state"].items() for key, value in st.items()
+                         if torch.is_tensor(value)}), tmp / "optimizer.safetensors")
+        atomic_write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"]})
+        rng_tensors, rng_json = _rng_state()
+        save_file(_flat(rng_tensors), tmp / "rng.safetensors")
+        atomic_write_json(tmp / "state.json", {
+            **loop_state, "step": step, "rng": rng_json,
+            "scheduler": json.loads(json.dumps(scheduler.state_dict(), default=lambda o: None)),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        })
+        final = root / f"step-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+    """Restore everything save_checkpoint wrote; return (loop state, best trainable state or None)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        params = dict(model.named_parameters())
+        trainable = load_file(path / "trainable.safetensors")
+        missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
+        if missing:
+            raise LorafitError(f"{path}: checkpoint does not match the model (missing {missing[0]}); "
+                               "was the config changed since the run started?")
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        opt_tensors = load_file(path / "optimizer.safetensors")
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in opt_tensors.items():
+            pid, name = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = value
+        groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+        best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise LorafitError(f"{path}: checkpoint is damaged ({type(exc).__name__}: {exc}); "
+                           "delete it to resume from the one before") from None
+    return state, best
