@@ -118,6 +118,10 @@ class TrainConfig(_Section):
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
     seed: int = Field(42, description="Seed for splits, initialisation, dropout and data order.")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    cache_frozen_prefix: bool = Field(
+        True, description="When only the top layers train, compute the frozen lower layers once per text and reuse "
+        "them every epoch (no dropout inside the frozen layers)."
+    )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on validation every N optimizer steps (and each epoch end).")
     log_every: int = Field(20, ge=1, description="Log training loss every N optimizer steps.")
     metric_for_best: Literal["accuracy", "f1_macro", "loss"] = Field(

@@ -489,24 +489,25 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.enc)
 
     def __getitem__(self, i: int):
-        return self.enc.input_ids[i], int(self.enc.labels[i])
+        return self.enc.input_ids[i], int(self.enc.labels[i]), i
 
 
 class Collator:
-    """Pads a batch to its longest text (dynamic padding)."""
+    """Pads a batch to its longest text (dynamic padding); keeps each example's index (for cached states)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
         self.pad = pad_token_id
         self.multiple = pad_to_multiple_of
 
     def __call__(self, items):
-        longest = max(len(ids) for ids, _ in items)
+        longest = max(len(ids) for ids, _, _ in items)
         if self.multiple:
             longest = -(-longest // self.multiple) * self.multiple
         input_ids = torch.full((len(items), longest), self.pad, dtype=torch.long)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
+        for row, (ids, _, _) in enumerate(items):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+        index = torch.tensor([i for _, _, i in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}

@@ -12,8 +12,10 @@ from .data import Collator, Encoded, EncodedDataset, sorted_batches
 
 
 @torch.inference_mode()
-def predict_logits(model, enc: Encoded, batch_size: int, pad_token_id: int, device, autocast=None) -> np.ndarray:
-    """Logits in input order. Batches are sorted by length so padding is minimal, then un-sorted."""
+def predict_logits(model, enc: Encoded, batch_size: int, pad_token_id: int, device, autocast=None,
+                   forward=None) -> np.ndarray:
+    """Logits in input order. Batches are sorted by length so padding is minimal, then un-sorted.
+    `forward(batch) -> logits` replaces the plain model call (the frozen-prefix cache uses it)."""
     was_training = model.training
     model.eval()
     collate = Collator(pad_token_id)
@@ -23,7 +25,11 @@ def predict_logits(model, enc: Encoded, batch_size: int, pad_token_id: int, devi
         batch = collate([dataset[i] for i in batch_idx])
         ctx = autocast() if autocast is not None else torch.autocast(device_type="cpu", enabled=False)
         with ctx:
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            if forward is not None:
+                logits = forward(batch)
+            else:
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
         chunks.append(logits.float().cpu().numpy())
         order += batch_idx
     out = np.zeros((0, 0), dtype=np.float32)

@@ -290,6 +290,7 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    prefix, prefix_time = _frozen_prefix(cfg, model, encoded, pad_id, accelerator, console)
 
     # everything the loop carries from step to step; a checkpoint saves it, a resume restores it
     st: dict[str, Any] = dict(epoch=0, batches_done=0, best_value=None, best_step=0, bad_evals=0, samples=0,
@@ -303,7 +304,8 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
         if main:
             _truncate_metrics(run_dir / "metrics.jsonl", restored["step"])
     log = MetricsLog(run_dir / "metrics.jsonl") if main else None
-    evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator)  # noqa: E731
+    evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator,  # noqa: E731
+                                       prefix, split)
     deadline = time.time() + t.time_budget_minutes * 60 - st["train_time"] if t.time_budget_minutes else None
     stop_reason = "completed"
     loss_sum = torch.tensor(st["loss_sum"], device=accelerator.device)
@@ -347,7 +349,10 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
             t0 = time.time()
             for batch in batches:
                 with accelerator.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    if prefix is not None:
+                        logits = prefix.logits(model, batch, "train", accelerator.device)
+                    else:
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.max_grad_norm:
@@ -415,7 +420,7 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     unwrapped = accelerator.unwrap_model(model)
     if best_state is not None:
         load_trainable_state_dict(unwrapped, best_state)
-    test_metrics = _evaluate(model, encoded["test"], label_names, t.eval_batch_size, pad_id, accelerator)
+    test_metrics = evaluate("test")
     test_logits = test_metrics.pop("_logits")
     if main:
         log.write(type="eval", split="test", step=step, epoch=round(step / steps_per_epoch, 4), **scalar_metrics(test_metrics),
@@ -424,8 +429,11 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     info = {
         "steps": step, "epochs_completed": round(step / steps_per_epoch, 4), "stop_reason": stop_reason,
         "best_step": st["best_step"], f"best_validation_{t.metric_for_best}": st["best_value"],
-        "train_samples": st["samples"] * accelerator.num_processes, "train_time_s": round(st["train_time"], 2),
-        "train_samples_per_s": round(st["samples"] * accelerator.num_processes / max(st["train_time"], 1e-9), 2),
+        "train_samples": st["samples"] * accelerator.num_processes,
+        # the one-off prefix computation is part of training's cost, so it counts in the throughput
+        "train_time_s": round(st["train_time"] + prefix_time, 2), "prefix_cache_s": round(prefix_time, 2),
+        "prefix_cache_from_layer": prefix.k if prefix is not None else None,
+        "train_samples_per_s": round(st["samples"] * accelerator.num_processes / max(st["train_time"] + prefix_time, 1e-9), 2),
         "padding_efficiency": round(st["real_tokens"] / max(st["padded_tokens"], 1), 4),
         "resumed": resume_from is not None,
     }
@@ -454,9 +462,29 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator) -> dict[str, Any]:
+def _frozen_prefix(cfg: Config, model, encoded, pad_id, accelerator, console):
+    """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
+    from .prefix_cache import FrozenPrefix
+
+    if not cfg.train.cache_frozen_prefix:
+        return None, 0.0
+    dtype = torch.float32 if accelerator.mixed_precision == "no" else torch.bfloat16
+    prefix = FrozenPrefix.maybe(accelerator.unwrap_model(model), dtype)
+    if prefix is None:
+        return None, 0.0
+    t0 = time.time()
+    for split, enc in encoded.items():
+        prefix.compute(split, enc, cfg.train.eval_batch_size, pad_id, accelerator.device, accelerator.autocast)
+    elapsed = time.time() - t0
+    console.print(f"cached the frozen embeddings + layers 0..{prefix.k - 1} for {sum(map(len, encoded.values()))} "
+                  f"texts in {elapsed:.1f}s; each step now runs layers {prefix.k}+ only")
+    return prefix, elapsed
+
+
+def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator, prefix=None, split=None) -> dict[str, Any]:
+    forward = (lambda batch: prefix.logits(model, batch, split, accelerator.device)) if prefix is not None else None
     logits = predict_logits(accelerator.unwrap_model(model), enc, batch_size, pad_id, accelerator.device,
-                            autocast=accelerator.autocast)
+                            autocast=accelerator.autocast, forward=forward)
     metrics = compute_metrics(enc.labels, logits, label_names)
     metrics["_logits"] = logits
     return metrics
