@@ -14,6 +14,7 @@ serve read it. Layout version 1 (documented in docs/run-directory.md):
     metrics.jsonl       one JSON object per logged training step and per evaluation
     test_metrics.json   final test metrics of the restored best model
     test_predictions.csv  per test example: row, true and predicted label, probability of each class
+    checkpoints/        resumable checkpoints (lorafit.checkpoint), written while training
 """
 
 from __future__ import annotations
