@@ -153,6 +153,201 @@ app.command(
 )(_train)
 
 
+# --- inference: classify, predict, evaluate, merge, export ------------------------------------------------
+_BACKEND_HELP = ("auto: the run's ONNX export if present (int8 when it was exported), else torch | torch | onnx | "
+                 "onnx-int8")
+_RUN_ARG = typer.Argument(..., help="A completed run directory.", show_default=False)
+
+
+def _load_run(run: Path, backend: str, batch_size: int, precision: str):
+    from .predict import load
+
+    return load(run, backend=backend, batch_size=batch_size, precision=precision)
+
+
+def _input_columns(clf, path: Path, text_column: Optional[str]) -> list[str]:
+    """--text-column, else the run's own text column(s); a .txt file is one text per line."""
+    if path.name.lower().endswith(".txt"):
+        return ["text"]
+    if text_column:
+        return [c.strip() for c in text_column.split(",") if c.strip()]
+    from .config import Config
+
+    data = Config.from_yaml(clf.run_dir / "config.yaml").data
+    return data.text_columns or [data.text_column]
+
+
+@app.command("classify", help="Classify texts given on the command line: label and class probabilities.")
+@cli_errors
+def classify(
+    run: Path = _RUN_ARG,
+    texts: list[str] = typer.Argument(..., help="One or more texts (quote each).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: [{text, label, probabilities{class: p}}]."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
+) -> None:
+    import json
+
+    from rich.console import Console
+
+    clf = _load_run(run, backend, 64, precision)
+    probs = clf.predict_proba(texts)
+    names = [str(n) for n in clf.classes_]
+    rows = [{"text": t, "label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
+            for t, p in zip(texts, probs)]
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    for row in rows:
+        ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])
+        out.print(f"[bold]{row['label']}[/] {ranked[0][1]:.3f}  {row['text'][:100]}")
+        out.print("  " + "  ".join(f"{n} {p:.3f}" for n, p in ranked[:8]), style="dim")
+
+
+@app.command("predict", help="Predict a file (csv, tsv, jsonl, json, parquet, txt: one text per line; pkl with "
+             "--allow-pickle) into a CSV with columns ID,Label (as leaderboards expect).")
+@cli_errors
+def predict_file(
+    run: Path = _RUN_ARG,
+    input: Path = typer.Option(..., "--input", "-i", help="File of texts to classify.", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="CSV to write (ID,Label[,prob_<class>...]).", show_default=False),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column(s), comma-separated (default: the run's)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="ID column (default: a column named id/ID, else the row index)."),
+    label_format: str = typer.Option("name", "--labels", help="Write labels as class names (name) or class ids (id)."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Add a prob_<class> column per class."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .pkl/.pickle inputs (unpickling runs code: trusted files only)."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+) -> None:
+    import io
+    import time
+
+    import pandas as pd
+
+    from .fileio import atomic_write_text
+    from .predict import input_texts, read_inputs, row_ids
+
+    if label_format not in ("name", "id"):
+        raise LorafitError(f"--labels {label_format}: use name or id")
+    clf = _load_run(run, backend, batch_size, precision)
+    df = read_inputs(input, allow_pickle=allow_pickle)
+    texts = input_texts(df, _input_columns(clf, input, text_column), str(input))
+    ids = row_ids(df, id_column, str(input))
+    t0 = time.perf_counter()
+    probs = clf.predict_proba(texts)
+    seconds = time.perf_counter() - t0
+    pred = probs.argmax(-1)
+    out = pd.DataFrame({"ID": ids, "Label": clf.classes_[pred] if label_format == "name" else pred})
+    if probabilities:
+        for j, name in enumerate(clf.classes_):
+            out[f"prob_{name}"] = probs[:, j].round(6)
+    buf = io.StringIO()
+    out.to_csv(buf, index=False)
+    atomic_write_text(output, buf.getvalue())
+    counts = ", ".join(f"{n} {c}" for n, c in out["Label"].value_counts().sort_index().items())
+    err.print(f"wrote {len(out)} predictions to {output} ({clf.backend.name}, {len(texts) / max(seconds, 1e-9):.0f} "
+              f"texts/s); labels: {counts}", highlight=False, soft_wrap=True)
+
+
+@app.command("evaluate", help="Metrics of a run on any labelled file (the same metrics as training's test split).")
+@cli_errors
+def evaluate_file(
+    run: Path = _RUN_ARG,
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled file (csv, tsv, jsonl, json, parquet; pkl with --allow-pickle).", show_default=False),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column(s), comma-separated (default: the run's)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column: class names or ids (default: the run's)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .pkl/.pickle files (unpickling runs code: trusted files only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON to this file."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import Config
+    from .data import _labels_from
+    from .evaluate import compute_metrics
+    from .fileio import atomic_write_json
+    from .predict import input_texts, read_inputs
+
+    clf = _load_run(run, backend, batch_size, precision)
+    df = read_inputs(data, allow_pickle=allow_pickle)
+    texts = input_texts(df, _input_columns(clf, data, text_column), str(data))
+    data_cfg = Config.from_yaml(clf.run_dir / "config.yaml").data
+    if label_column:
+        data_cfg = data_cfg.model_copy(update={"label_column": label_column})
+    names = [str(n) for n in clf.classes_]
+    labels, _ = _labels_from(df, data_cfg, str(data), names, fixed=True)
+    metrics = {"data": str(data), "backend": clf.backend.name, **compute_metrics(labels, clf.decision_function(texts), names)}
+    if output:
+        atomic_write_json(output, metrics)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return
+    out = Console(highlight=False)
+    out.print(f"[bold]{data}[/]: {metrics['n']} texts, accuracy {metrics['accuracy']:.4f}, macro F1 "
+              f"{metrics['f1_macro']:.4f}, loss {metrics['loss']:.4f} ({clf.backend.name})")
+    table = Table("class", "precision", "recall", "f1", "support")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    out.print(table)
+
+
+@app.command("merge", help="Write the run's model with the adapter merged into the base, as a plain Transformers "
+             "model that loads without lorafit.")
+@cli_errors
+def merge_run(
+    run: Path = _RUN_ARG,
+    out: Path = typer.Option(..., "--out", help="Directory to write.", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+) -> None:
+    from .export import merge
+
+    result = merge(run, out, overwrite=overwrite)
+    if result["pooling"] == "cls":
+        typer.echo(f"wrote {out}: a plain Transformers model; load it with "
+                   f"AutoModelForSequenceClassification.from_pretrained('{out}') (tokenizer included)")
+    else:
+        typer.echo(f"wrote {out}: this run uses mean pooling, which Transformers has no classification class for, so "
+                   f"{out} holds the merged encoder (AutoModel.from_pretrained('{out}')) + the head in "
+                   f"head.safetensors; {out}/README.md shows the 5 lines that apply it")
+
+
+@app.command("export", help="Export the run's classifier to RUN/export/ for ONNX Runtime; predict and classify "
+             "then use it (--backend auto).")
+@cli_errors
+def export_run(
+    run: Path = _RUN_ARG,
+    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (faster on CPU)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+) -> None:
+    from .export import export_onnx
+
+    if format != "onnx":
+        raise LorafitError(f"--format {format}: only onnx is supported")
+    report = export_onnx(run, int8=int8, opset=opset)
+    files = ", ".join(f"{run / 'export' / f}" for f in report["files"].values())
+    typer.echo(f"wrote {files}")
+    check = report.get("check")
+    if check:
+        base = check.get("torch", {}).get("accuracy")
+        typer.echo(f"checked on {check['n']} test texts of the run" + (f": torch accuracy {base:.4f}" if base is not None else ""))
+        for name in report["files"]:
+            row = check[name]
+            acc = f", accuracy {row['accuracy']:.4f} ({row['accuracy_change_points']:+.2f} points)" if "accuracy" in row else ""
+            typer.echo(f"  {name}: labels agree with torch on {100 * row['agreement']:.2f}%{acc}, "
+                       f"max |logit diff| {row['max_abs_logit_diff']:.2g}")
+    used = "onnx-int8" if int8 else "onnx"
+    typer.echo(f"predict/classify/evaluate now use {used} by default (--backend torch|onnx|onnx-int8 to choose)")
+
+
 def main() -> None:
     app()
 

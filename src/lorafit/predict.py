@@ -1,26 +1,79 @@
 """Inference from a run directory: `lorafit.load(run_dir)` gives a classifier with scikit-learn's
-predict / predict_proba conventions."""
+predict / predict_proba conventions. The logits come from a backend: the merged PyTorch model (fp32 or bf16
+autocast) or the run's exported ONNX model under ONNX Runtime (`lorafit export`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
-from .data import clean_text, encode
+from .data import clean_text, encode, read_table, sorted_batches
 from .errors import LorafitError
 from .evaluate import predict_logits, softmax
 from .rundir import read_labels, read_run
 
+EXPORT_DIR = "export"
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class TorchBackend:
+    """The (merged) PyTorch model; `autocast` is a context factory, e.g. bf16 on CPUs with AVX512-BF16."""
+
+    def __init__(self, model, device: str = "cpu", autocast=None, name: str = "torch"):
+        self.model, self.device, self.autocast, self.name = model, device, autocast, name
+
+    def logits(self, enc, batch_size: int, pad_id: int) -> np.ndarray:
+        return predict_logits(self.model, enc, batch_size, pad_id, self.device, autocast=self.autocast)
+
+
+class OnnxBackend:
+    """An exported classifier (input_ids + attention_mask -> logits) under ONNX Runtime, one thread per core."""
+
+    def __init__(self, path: Path, threads: Optional[int] = None, name: str = "onnx"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_cores()
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path, self.name = Path(path), name
+
+    def logits(self, enc, batch_size: int, pad_id: int) -> np.ndarray:
+        out = None
+        for idx in sorted_batches([len(x) for x in enc.input_ids], batch_size):  # longest first: little padding
+            longest = max(len(enc.input_ids[i]) for i in idx)
+            input_ids = np.full((len(idx), longest), pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), longest), dtype=np.int64)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(enc.input_ids[i])] = enc.input_ids[i]
+                mask[row, : len(enc.input_ids[i])] = 1
+            logits = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
+            if out is None:
+                out = np.empty((len(enc), logits.shape[1]), dtype=np.float32)
+            out[np.asarray(idx)] = logits
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
 
 class Classifier:
-    """A trained text classifier. `classes_` holds the label names in id order."""
+    """A trained text classifier. `classes_` holds the label names in id order; `backend.name` says what runs."""
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int, clean: bool,
-                 batch_size: int = 64, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None):
-        self.model = model
+                 batch_size: int = 64, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
+                 backend=None):
+        self.model = model  # None when an ONNX backend serves
         self.tokenizer = tokenizer
         self.classes_ = np.asarray(label_names, dtype=object)
         self.max_length = max_length
@@ -29,6 +82,7 @@ class Classifier:
         self.device = device
         self.autocast = autocast
         self.run_dir = run_dir
+        self.backend = backend or TorchBackend(model, device, autocast)
 
     def _texts(self, texts: Sequence[str]) -> list[str]:
         if isinstance(texts, str):
@@ -47,7 +101,7 @@ class Classifier:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         enc = encode(self.tokenizer, texts, self.max_length)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return predict_logits(self.model, enc, self.batch_size, pad, self.device, autocast=self.autocast)
+        return self.backend.logits(enc, self.batch_size, pad)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Class probabilities, shape (n_texts, n_classes), columns in `classes_` order."""
@@ -58,14 +112,88 @@ class Classifier:
         return self.classes_[self.decision_function(texts).argmax(-1)]
 
 
-def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: bool = True) -> Classifier:
-    """Load a completed run's classifier (weights are read as safetensors; nothing is unpickled)."""
+def resolve_backend(run_dir: Path, backend: str) -> tuple[str, Optional[Path]]:
+    """'auto' takes the run's exported ONNX model when there is one (int8 if it was exported), else torch."""
+    if backend not in BACKENDS:
+        raise LorafitError(f"backend '{backend}': use one of {', '.join(BACKENDS)}")
+    export = Path(run_dir) / EXPORT_DIR
+    if backend == "auto":
+        for name in ("onnx-int8", "onnx"):
+            if (export / ONNX_FILES[name]).is_file():
+                return name, export / ONNX_FILES[name]
+        return "torch", None
+    if backend == "torch":
+        return "torch", None
+    path = export / ONNX_FILES[backend]
+    if not path.is_file():
+        flag = " --int8" if backend == "onnx-int8" else ""
+        raise LorafitError(f"{path}: not exported yet; run: lorafit export {run_dir} --format onnx{flag}")
+    return backend, path
+
+
+def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: bool = True,
+         backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32") -> Classifier:
+    """Load a completed run's classifier (weights are read as safetensors or ONNX; nothing is unpickled).
+
+    backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
+    precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
+    """
     from .model import load_trained, load_tokenizer
 
     run_dir, cfg, _ = read_run(run_dir)
     label_names = read_labels(run_dir)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    kind, onnx_path = resolve_backend(run_dir, backend)
+    if kind != "torch":
+        return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
+                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind))
+    if precision not in ("fp32", "bf16"):
+        raise LorafitError(f"precision '{precision}': use fp32 or bf16")
     model = load_trained(cfg.model, label_names, run_dir / "model", merge=merge).to(device)
     torch.set_grad_enabled(True)  # loading must not leave global autograd state changed
+    autocast = None
+    if precision == "bf16":
+        device_type = torch.device(device).type
+        autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
     return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
-                      batch_size=batch_size, device=device, run_dir=run_dir)
+                      batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
+                      backend=TorchBackend(model, device, autocast, name="torch" if precision == "fp32" else "torch-bf16"))
+
+
+# --- files in, predictions out ------------------------------------------------------------------------------
+def read_inputs(path: str | Path, allow_pickle: bool = False, text_column: str = "text") -> pd.DataFrame:
+    """A table of texts to classify: whatever `read_table` reads, or plain text with one text per line
+    (returned as a one-column table named `text_column`)."""
+    path = Path(path)
+    if path.name.lower().endswith(".txt"):
+        if not path.is_file():
+            raise LorafitError(f"{path}: file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise LorafitError(f"{path}: not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+        while lines and not lines[-1].strip():  # a trailing newline is not a text
+            lines.pop()
+        if not lines:
+            raise LorafitError(f"{path}: file is empty")
+        return pd.DataFrame({text_column: lines})
+    return read_table(path, allow_pickle=allow_pickle)
+
+
+def input_texts(df: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
+    """The text of every row (columns joined with a space); an empty row is an error naming its line."""
+    from .config import DataConfig
+    from .data import _texts_from
+
+    cfg = DataConfig(text_columns=columns) if len(columns) > 1 else DataConfig(text_column=columns[0])
+    return _texts_from(df, cfg, origin)
+
+
+def row_ids(df: pd.DataFrame, id_column: Optional[str], origin: str) -> list:
+    """IDs from `id_column`, else from a column named id/ID/Id when present, else the row index."""
+    if id_column is not None:
+        if id_column not in df.columns:
+            raise LorafitError(f"{origin}: no id column '{id_column}' (columns: {', '.join(df.columns)})")
+        return df[id_column].tolist()
+    found = [c for c in df.columns if c.lower() == "id"]
+    return df[found[0]].tolist() if found else list(range(len(df)))
