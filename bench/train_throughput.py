@@ -14,6 +14,7 @@ Contenders
 
     python bench/train_throughput.py                       # everything, 3 epochs (about 30 min on 2 cores)
     python bench/train_throughput.py --epochs 1 --only peer-same,lorafit
+    python bench/train_throughput.py --epochs 20 --time-budget-minutes 3 --only peer-usual,lorafit
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def run_lorafit(name: str, args) -> dict:
 
     overrides = dict(ABLATIONS[name], epochs=args.epochs, output_dir=args.out, run_name=name, overwrite=True,
                      log_every=50, checkpoint_every=None)
+    if args.time_budget_minutes:
+        overrides["time_budget_minutes"] = args.time_budget_minutes
     if args.max_train_samples:
         overrides["max_train_samples"] = args.max_train_samples
     t0 = time.time()
@@ -108,13 +111,29 @@ def run_peer(name: str, args) -> dict:
         weight_decay=0.01, warmup_ratio=cfg.train.warmup_ratio, lr_scheduler_type="linear", eval_strategy="epoch",
         save_strategy="no", logging_steps=50, report_to=[], use_cpu=True, seed=cfg.train.seed, dataloader_num_workers=0,
     )
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        """The peer's equivalent of --time-budget-minutes: stop when the wall clock runs out."""
+
+        def __init__(self, minutes):
+            self.deadline = time.time() + minutes * 60 if minutes else None
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if self.deadline and time.time() > self.deadline:
+                control.should_training_stop = True
+            return control
+
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
-                      data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics)
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics,
+                      callbacks=[TimeBudget(args.time_budget_minutes)])
     t0 = time.time()
     out = trainer.train()
     train_time = time.time() - t0
     test = trainer.evaluate(test_ds, metric_key_prefix="test")
-    return {"samples_per_s": round(len(train_ds) * args.epochs / train_time, 2), "train_time_s": round(train_time, 1),
+    samples = trainer.state.global_step * cfg.train.batch_size  # the last batch of an epoch may be smaller
+    return {"samples_per_s": round(min(samples, len(train_ds) * args.epochs) / train_time, 2),
+            "train_time_s": round(train_time, 1),
             "wall_s": round(time.time() - t0, 1), "accuracy": test["test_accuracy"], "f1_macro": test["test_f1_macro"],
             "precision": "fp32", "trainer_samples_per_s": out.metrics.get("train_samples_per_second")}
 
@@ -130,6 +149,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--time-budget-minutes", type=float, default=None,
+                        help="time-to-accuracy mode: every contender trains for this wall-clock budget "
+                             "(with --epochs large enough not to finish first) and reports its test accuracy")
     parser.add_argument("--out", default="bench/out/train_throughput")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,6 +164,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--epochs", str(args.epochs), "--out", args.out]
         if args.max_train_samples:
             cmd += ["--max-train-samples", str(args.max_train_samples)]
+        if args.time_budget_minutes:
+            cmd += ["--time-budget-minutes", str(args.time_budget_minutes)]
         print(f"running {name} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -213,6 +213,10 @@ def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from:
             record.update(status="completed", finished_at=_now(), **info)
             _report_if_available(run_dir, console)
             t = result["test_metrics"]
+            if info["stop_reason"] != "completed":
+                best = info.get(f"best_validation_{cfg.train.metric_for_best}")
+                console.print(f"stopped early ({info['stop_reason']}) at step {info['steps']}; best validation "
+                              f"{cfg.train.metric_for_best} {best:.4f} at step {info['best_step']}, restored")
             console.print(
                 f"[bold green]test accuracy {t['accuracy']:.4f}[/]  macro F1 {t['f1_macro']:.4f}  "
                 f"loss {t['loss']:.4f}  ({info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s)  "
