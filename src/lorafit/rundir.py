@@ -15,6 +15,8 @@ serve read it. Layout version 1 (documented in docs/run-directory.md):
     test_metrics.json   final test metrics of the restored best model
     test_predictions.csv  per test example: row, true and predicted label, probability of each class
     checkpoints/        resumable checkpoints (lorafit.checkpoint), written while training
+    export/             written by `lorafit export` (lorafit.export): model.onnx (input_ids + attention_mask ->
+                        logits), model.int8.onnx with --int8, export.json (files, opset, agreement with torch)
 """
 
 from __future__ import annotations

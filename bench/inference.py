@@ -1,0 +1,161 @@
+"""Inference speed and accuracy: lorafit's paths against the way users predict with a PEFT run.
+
+One process, one trained run, the same texts (the run's 1,001 bundled AG News test rows, as cleaned by lorafit)
+for every contender, one after another on the same machine. Prints texts/s, the ratio to the peer, accuracy and
+agreement with the labels of lorafit's fp32 PyTorch model; saves the table to bench/out/inference.json.
+
+Contenders
+  peer           the run loaded as users do: lorafit's base model + PeftModel.from_pretrained(run/model) (adapter
+                 not merged), texts tokenized with padding="max_length" (max_length of the run) in datasets.map,
+                 predicted with transformers Trainer.predict, batch 32, fp32. For a cls-pooling run the base is
+                 AutoModelForSequenceClassification; for mean pooling (the default) lorafit's MeanPoolingClassifier,
+                 since Transformers has no mean-pooling classification class.
+  peer-dynamic   the same Trainer.predict with dynamic padding (DataCollatorWithPadding): a stronger peer.
+  torch-fp32     lorafit.load(run, backend="torch"): merged weights, inference mode, batches sorted by length.
+  torch-bf16     the same under bf16 autocast.
+  onnx           lorafit export -> ONNX Runtime fp32 (threads = cores), batches sorted by length.
+  onnx-int8      the same, dynamically int8-quantised.
+
+    python bench/inference.py                              # trains a short run first (a few minutes on 2 cores)
+    python bench/inference.py --run bench/out/runs/minilm-inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def best_time(fn, repeat: int) -> tuple[float, object]:
+    """Best wall time of `repeat` calls: the first call also warms up (lazy init, allocator), for every contender
+    alike, and the best is the one least disturbed by other processes on the shared cores."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def peer_predict(run_dir: Path, texts: list[str], batch_size: int, dynamic: bool):
+    """Base + PEFT adapter, Trainer.predict: what a PEFT user writes. Returns (load seconds, predict function)."""
+    import datasets
+    from peft import PeftModel
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from lorafit.config import Config
+    from lorafit.model import build_base
+    from lorafit.rundir import read_labels
+
+    hf_logging.set_verbosity_error()
+    cfg = Config.from_yaml(run_dir / "config.yaml")
+    labels = read_labels(run_dir)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    model = PeftModel.from_pretrained(build_base(cfg.model, len(labels), labels), run_dir / "model").eval()
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="peer-"), per_device_eval_batch_size=batch_size,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args,
+                      data_collator=DataCollatorWithPadding(tokenizer) if dynamic else None)
+    load_s = time.perf_counter() - t0
+
+    def run():
+        padding = False if dynamic else "max_length"
+        ds = datasets.Dataset.from_dict({"text": texts}).map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=cfg.data.max_length, padding=padding),
+            batched=True, remove_columns=["text"])
+        return trainer.predict(ds).predictions
+
+    return load_s, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="A completed run (default: train one of the embedded model).")
+    ap.add_argument("--max-train-samples", type=int, default=1000)
+    ap.add_argument("--epochs", type=float, default=1)
+    ap.add_argument("--batch-size", type=int, default=32, help="Peer batch size (Trainer per_device_eval_batch_size).")
+    ap.add_argument("--repeat", type=int, default=2, help="Timed repetitions per contender (best is kept).")
+    ap.add_argument("--only", help="Comma-separated contenders to run (default: all).")
+    args = ap.parse_args()
+
+    import lorafit
+    from lorafit.export import export_onnx
+
+    run_dir = args.run
+    if run_dir is None:
+        print(f"training the embedded model on {args.max_train_samples} rows for {args.epochs} epoch(s)...", flush=True)
+        run_dir = lorafit.train(max_train_samples=args.max_train_samples, epochs=args.epochs, output_dir=str(OUT / "runs"),
+                                run_name="minilm-inference", overwrite=True, checkpoint_every=None).path
+    run_dir = Path(run_dir)
+    test = pd.read_csv(run_dir / "test_predictions.csv", dtype={"text": str}, keep_default_na=False)
+    texts, truth_names = test["text"].tolist(), test["label"].astype(str).to_numpy()
+    labels = lorafit.rundir.read_labels(run_dir)
+    truth = np.array([labels.index(n) for n in truth_names])
+    pooling = lorafit.Config.from_yaml(run_dir / "config.yaml").model.pooling
+
+    t0 = time.perf_counter()
+    export = export_onnx(run_dir, int8=True)
+    export_s = time.perf_counter() - t0
+    print(f"exported ONNX fp32 + int8 in {export_s:.1f}s", flush=True)
+
+    contenders = ["peer", "peer-dynamic", "torch-fp32", "torch-bf16", "onnx", "onnx-int8"]
+    if args.only:
+        contenders = [c for c in contenders if c in args.only.split(",")]
+    rows: dict[str, dict] = {}
+    for name in contenders:
+        if name.startswith("peer"):
+            load_s, fn = peer_predict(run_dir, texts, args.batch_size, dynamic=name == "peer-dynamic")
+            fn_texts = fn
+        else:
+            t0 = time.perf_counter()
+            backend = "torch" if name.startswith("torch") else name
+            clf = lorafit.load(run_dir, backend=backend, precision="bf16" if name == "torch-bf16" else "fp32")
+            load_s = time.perf_counter() - t0
+            fn_texts = lambda clf=clf: clf.decision_function(texts)  # noqa: E731
+        seconds, logits = best_time(fn_texts, args.repeat)
+        pred = np.asarray(logits).argmax(-1)
+        rows[name] = {"texts_per_s": len(texts) / seconds, "seconds": seconds, "load_s": load_s,
+                      "accuracy": float((pred == truth).mean()), "pred": pred}
+        print(f"  {name:13s} {rows[name]['texts_per_s']:8.1f} texts/s  accuracy {rows[name]['accuracy']:.4f}", flush=True)
+
+    ref = rows.get("torch-fp32", {}).get("pred")
+    peer = rows.get("peer", {}).get("texts_per_s")
+    print(f"\nrun {run_dir} ({pooling} pooling), {len(texts)} texts, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} cores (shared: numbers are noisy)")
+    print(f"{'contender':14s} {'texts/s':>9s} {'x peer':>7s} {'accuracy':>9s} {'agree fp32':>11s} {'load s':>7s}")
+    table = []
+    for name, r in rows.items():
+        agree = float((r["pred"] == ref).mean()) if ref is not None else None
+        ratio = r["texts_per_s"] / peer if peer else None
+        print(f"{name:14s} {r['texts_per_s']:9.1f} {ratio or float('nan'):7.2f} {100 * r['accuracy']:8.2f}% "
+              f"{'' if agree is None else f'{100 * agree:10.2f}%'} {r['load_s']:7.1f}")
+        table.append({"contender": name, "texts_per_s": round(r["texts_per_s"], 1), "ratio_to_peer": ratio and round(ratio, 2),
+                      "accuracy": r["accuracy"], "agreement_with_torch_fp32": agree, "seconds": round(r["seconds"], 3),
+                      "load_s": round(r["load_s"], 2)})
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(run_dir), "pooling": pooling, "n_texts": len(texts), "peer_batch_size": args.batch_size,
+              "repeat": args.repeat, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "export_s": round(export_s, 1), "export_check": export.get("check"), "table": table,
+              "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+    (OUT / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {OUT / 'inference.json'}")
+
+
+if __name__ == "__main__":
+    main()
