@@ -80,3 +80,7 @@ def test_target_modules_by_name_and_layer(tiny_model_dir):
     assert info.target_modules == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
     with pytest.raises(LorafitError, match="no module named 'qkv'"):
         prepare_model(cfg.model.model_copy(update={"target_modules": ["qkv"]}), 4, list("abcd"))
+
+
+def test_default_recipe_file_is_the_default_config():
+    assert Config.from_yaml(ROOT / "configs" / "minilm-lora.yaml") == Config()

@@ -77,14 +77,18 @@ class ModelConfig(_Section):
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
-    lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    # 0 by default: on a CPU the dropout masks cost a third of a LoRA step, and the encoder's own dropout
+    # already regularises (measured: bench/train_throughput.py, docs/speed.md)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
         ["all-linear"],
         description="Modules that get adapters: names such as query,value or 'all-linear' for every linear layer "
         "of the encoder.",
     )
     lora_layers: Optional[list[int]] = Field(
-        None, description="Only adapt these encoder layers (e.g. 4,5); default all layers."
+        [-3, -2, -1],
+        description="Encoder layers that get adapters; negative counts from the top (-1 is the top layer); "
+        "'none' for all layers. Adapting only the top layers lets the frozen ones be computed once.",
     )
     lora_bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases LoRA trains.")
     classifier_dropout: Optional[float] = Field(None, ge=0, lt=1, description="Dropout before the head (default: model's).")
@@ -98,19 +102,21 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(3, gt=0, description="Training epochs (may be fractional).")
+    epochs: float = Field(4, gt=0, description="Training epochs (may be fractional).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, description="Training batch size per device.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
-    head_learning_rate: Optional[float] = Field(None, gt=0, description="Learning rate of the head (default: learning_rate).")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    head_learning_rate: Optional[float] = Field(
+        3e-3, gt=0, description="Learning rate of the head, new and randomly initialised ('none': learning_rate)."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and LayerNorm).")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
     grad_accum_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision: 'auto' picks bf16 where the CPU or GPU supports it, else fp32 (fp16 on older GPUs)."
     )

@@ -155,18 +155,25 @@ def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[l
     names that exist, and 'all-linear' never touches the head.
     """
     heads = tuple(f"{h}." for h in head_module_names(model))
-    candidates = []
+    found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.startswith(heads):
             continue
         match = _LAYER_INDEX.search(f".{name}.")
-        if match is None:
-            continue
-        if layers is not None and int(match.group(1)) not in layers:
-            continue
-        candidates.append((name, name[match.end() - 1 :]))  # ("bert.encoder.layer.0.attention.self.query", "attention.self.query")
-    if not candidates:
-        raise LorafitError("no linear layers found inside numbered encoder blocks; check --lora-layers")
+        if match is not None:  # ("bert.encoder.layer.0.attention.self.query", 0, "attention.self.query")
+            found.append((name, int(match.group(1)), name[match.end() - 1 :]))
+    if not found:
+        raise LorafitError("model: no linear layers found inside numbered encoder blocks; LoRA cannot attach")
+    n_layers = max(i for _, i, _ in found) + 1
+    if layers is not None:
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise LorafitError(f"model.lora_layers: {bad} outside this model's {n_layers} layers "
+                               f"(0..{n_layers - 1}, or -1 for the top layer)")
+        # negative indices count from the top, as in Python; "the top 3" of a 2-layer model is both layers
+        wanted = {i % n_layers for i in layers if i >= -n_layers}
+        found = [f for f in found if f[1] in wanted]
+    candidates = [(full, local) for full, _, local in found]
     if "all-linear" in targets:
         return [full for full, _ in candidates]
     chosen = []
