@@ -348,6 +348,28 @@ def export_run(
     typer.echo(f"predict/classify/evaluate now use {used} by default (--backend torch|onnx|onnx-int8 to choose)")
 
 
+# --- report (run report and comparisons) ----------------------------------------------------------------
+@app.command("report", help="(Re)write report.md, report.html and plots/ of a run from its run directory alone.")
+@cli_errors
+def _report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+    from .report import write_report
+
+    typer.echo(f"wrote {write_report(run)} and {run / 'report.md'}")
+
+
+@app.command("compare", help="One table and overlaid validation curves for several runs (ablations).")
+@cli_errors
+def _compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Directory for compare.md/.html/.csv and plots."),
+) -> None:
+    from .report import compare
+
+    if len(runs) < 2:
+        raise LorafitError("compare needs at least two run directories")
+    typer.echo(f"wrote {compare(runs, out)}, {out / 'compare.md'} and {out / 'compare.csv'}")
+
+
 def main() -> None:
     app()
 

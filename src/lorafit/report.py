@@ -1,0 +1,398 @@
+"""The run report: plots, error analysis and a readable summary, drawn from the run directory alone.
+
+Every number comes from the run's own files (metrics.jsonl, test_metrics.json, test_predictions.csv,
+data.json, run.json, config.yaml); nothing is recomputed from the model. A plot that fails to draw becomes a
+warning in the report, never an error of the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .fileio import atomic_write_bytes, atomic_write_text
+from .rundir import read_labels, read_metrics, read_run
+
+PLOTS_DIR = "plots"
+
+
+# --- reading the run --------------------------------------------------------------------------------------
+class RunView:
+    """What the report needs from a run directory, read once."""
+
+    def __init__(self, run_dir: str | Path, require_completed: bool = True):
+        self.path, self.config, self.info = read_run(run_dir, require_completed=require_completed)
+        self.labels = read_labels(self.path)
+        self.metrics = read_metrics(self.path)
+        self.data = _read_json(self.path / "data.json")
+        self.test = _read_json(self.path / "test_metrics.json")
+        self.predictions = _read_predictions(self.path / "test_predictions.csv", self.labels)
+
+    @property
+    def train_rows(self) -> list[dict]:
+        return [r for r in self.metrics if r.get("type") == "train"]
+
+    @property
+    def validation_rows(self) -> list[dict]:
+        return [r for r in self.metrics if r.get("type") == "eval" and r.get("split") == "validation"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_predictions(path: Path, labels: list[str]) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            probs = {n: float(r[f"prob_{n}"]) for n in labels}
+            rows.append({"row": r["row"], "text": r["text"], "label": r["label"], "predicted": r["predicted"],
+                         "prob": probs[r["predicted"]], "probs": probs})
+    return rows
+
+
+# --- error analysis ----------------------------------------------------------------------------------------
+def confused_pairs(view: RunView, top_pairs: int = 5, examples: int = 3) -> list[dict[str, Any]]:
+    """The most frequent (true, predicted) mistakes, each with its most confident misclassified examples."""
+    wrong = [r for r in view.predictions if r["label"] != r["predicted"]]
+    counts = Counter((r["label"], r["predicted"]) for r in wrong)
+    out = []
+    for (true, pred), n in counts.most_common(top_pairs):
+        worst = sorted((r for r in wrong if r["label"] == true and r["predicted"] == pred), key=lambda r: -r["prob"])
+        out.append({"true": true, "predicted": pred, "count": n, "examples": worst[:examples]})
+    return out
+
+
+# --- plots -------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(view: RunView, ax) -> None:
+    train, val = view.train_rows, view.validation_rows
+    smoothing = view.config.train.label_smoothing
+    label = "train (mean over log interval" + (f", label smoothing {smoothing})" if smoothing else ")")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+    ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
+    ax.legend()
+
+
+def plot_accuracy(view: RunView, ax) -> None:
+    val = view.validation_rows
+    ax.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", label="validation accuracy")
+    ax.axhline(view.test["accuracy"], color="grey", linestyle="--", label=f"test accuracy {view.test['accuracy']:.4f}")
+    ax.set(xlabel="optimizer step", ylabel="accuracy", title="Validation accuracy")
+    ax.legend()
+
+
+def plot_prf(view: RunView, ax) -> None:
+    val = view.validation_rows
+    for key, label in (("precision_macro", "precision"), ("recall_macro", "recall"), ("f1_macro", "F1")):
+        ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=f"macro {label}")
+    ax.set(xlabel="optimizer step", ylabel="score", title="Validation macro precision / recall / F1")
+    ax.legend()
+
+
+def plot_confusion(view: RunView, ax, normalise: bool) -> None:
+    import numpy as np
+
+    cm = np.asarray(view.test["confusion_matrix"], dtype=float)
+    shown = cm / cm.sum(1, keepdims=True).clip(min=1) if normalise else cm
+    ax.imshow(shown, cmap="Blues")
+    n = len(view.labels)
+    ax.set_xticks(range(n), view.labels, rotation=30, ha="right")
+    ax.set_yticks(range(n), view.labels)
+    for i in range(n):
+        for j in range(n):
+            text = f"{shown[i, j]:.2f}" if normalise else f"{int(cm[i, j])}"
+            ax.text(j, i, text, ha="center", va="center",
+                    color="white" if shown[i, j] > shown.max() * 0.6 else "black")
+    ax.set(xlabel="predicted", ylabel="true",
+           title="Test confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
+
+
+def plot_classes(view: RunView, ax) -> None:
+    import numpy as np
+
+    counts = view.data.get("class_counts", {})
+    splits = [s for s in ("train", "validation", "test") if s in counts]
+    x = np.arange(len(view.labels))
+    width = 0.8 / max(len(splits), 1)
+    for k, split in enumerate(splits):
+        ax.bar(x + k * width, [counts[split].get(n, 0) for n in view.labels], width, label=split)
+    ax.set_xticks(x + width * (len(splits) - 1) / 2, view.labels)
+    ax.set(ylabel="examples", title="Class distribution per split")
+    ax.legend()
+
+
+def plot_lengths(view: RunView, ax) -> None:
+    stats = view.data.get("token_lengths", {})
+    max_length = None
+    for split, s in stats.items():
+        if not s:
+            continue
+        width = s["histogram"]["bin_width"]
+        counts = s["histogram"]["counts"]
+        ax.step([i * width for i in range(len(counts))], counts, where="post", label=f"{split} (p95 {s['p95']:.0f})")
+        max_length = s["max_length"]
+    if max_length:
+        ax.axvline(max_length, color="red", linestyle="--", label=f"truncation at {max_length}")
+    ax.set(xlabel="tokens per text (before truncation)", ylabel="texts", title="Token lengths")
+    ax.legend()
+
+
+PLOTS: dict[str, tuple[str, Callable]] = {
+    "loss.png": ("Training and validation loss", plot_loss),
+    "accuracy.png": ("Validation accuracy (dashed: final test accuracy)", plot_accuracy),
+    "precision_recall_f1.png": ("Validation macro precision, recall and F1", plot_prf),
+    "confusion_counts.png": ("Test confusion matrix, counts", lambda v, ax: plot_confusion(v, ax, False)),
+    "confusion_normalised.png": ("Test confusion matrix, each row normalised to 1", lambda v, ax: plot_confusion(v, ax, True)),
+    "class_distribution.png": ("Examples per class in each split", plot_classes),
+    "token_lengths.png": ("Token lengths before truncation, with the truncation point", plot_lengths),
+}
+
+
+def draw_plots(view: RunView, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw every plot independently; return ([(file, caption)], [warnings])."""
+    plt = _plt()
+    drawn, problems = [], []
+    for filename, (caption, draw) in PLOTS.items():
+        fig = None
+        try:
+            fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+            draw(view, ax)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            atomic_write_bytes(out_dir / filename, buf.getvalue())
+            drawn.append((filename, caption))
+        except Exception as exc:  # noqa: BLE001 - one broken plot must not cost the others or the run
+            problems.append(f"plot {filename} could not be drawn: {type(exc).__name__}: {exc}")
+        finally:
+            if fig is not None:
+                plt.close(fig)
+    return drawn, problems
+
+
+# --- the report --------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        # scores in [0.01, 1) with 4 decimals; learning rates, times and throughputs with 4 significant digits
+        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return "—" if v is None else str(v)
+
+
+def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], problems: list[str]) -> list[tuple[str, Any]]:
+    """The report as (heading, content) pairs; content is a table (list of rows) or text."""
+    cfg, info, data, test = view.config, view.info, view.data, view.test
+    m = info.get("model", {})
+    hw = info.get("hardware", {})
+    cleaned = data.get("texts_cleaned")
+    summary = [
+        ["test accuracy", _fmt(test.get("accuracy"))], ["test macro F1", _fmt(test.get("f1_macro"))],
+        ["test loss", _fmt(test.get("loss"))],
+        ["trainable / total parameters", f"{_fmt(m.get('trainable_params'))} / {_fmt(m.get('total_params'))} "
+                                         f"({_fmt(m.get('trainable_percent'))}%)"],
+        ["wall time (s)", _fmt(info.get("wall_time_s"))], ["training samples/s", _fmt(info.get("train_samples_per_s"))],
+    ]
+    data_rows = [
+        ["source", json.dumps(data.get("source", {}))], ["split", f"{data.get('split')} (seed {data.get('seed')})"],
+        ["rows read", json.dumps(data.get("rows_read", {}))],
+        ["train / validation / test", " / ".join(str(data.get("sizes", {}).get(k, "—")) for k in ("train", "validation", "test"))],
+        ["texts cleaned", _fmt(cleaned) if data.get("clean_text") else "cleaning off"],
+        ["dropped (empty after cleaning)", json.dumps(data.get("dropped_empty_after_cleaning", {}))],
+        ["dropped by token length", json.dumps(data.get("dropped_by_length", {}))],
+        ["truncated at max_length", json.dumps({k: v.get("truncated") for k, v in data.get("token_lengths", {}).items() if v})],
+    ]
+    model_rows = [
+        ["backbone", cfg.model.model], ["method", cfg.model.method], ["pooling", cfg.model.pooling],
+        ["trainable parameters", _fmt(m.get("trainable_params"))], ["total parameters", _fmt(m.get("total_params"))],
+        ["trainable percent", _fmt(m.get("trainable_percent"))],
+        ["parameter budget", _fmt(cfg.model.param_budget)],
+    ]
+    if cfg.model.method == "lora":
+        model_rows += [["LoRA r / alpha / dropout", f"{cfg.model.lora_r} / {cfg.model.lora_alpha} / {cfg.model.lora_dropout}"],
+                       ["LoRA target modules", _fmt(cfg.model.target_modules)],
+                       ["LoRA layers", "all" if cfg.model.lora_layers is None else _fmt(cfg.model.lora_layers)],
+                       ["adapted linear layers", _fmt(m.get("lora_target_count"))]]
+    hyper = [[k, _fmt(v)] for k, v in cfg.train.model_dump().items()] + [["max_length", _fmt(cfg.data.max_length)]]
+    run_rows = [
+        ["status", info.get("status")], ["device / precision", f"{info.get('device')} / {info.get('precision')}"],
+        ["hardware", f"{hw.get('processor')}, {hw.get('cpu_count')} CPUs, {hw.get('torch_threads')} torch threads"
+                     + (f", GPUs: {', '.join(hw['gpus'])}" if hw.get("gpus") else "")],
+        ["versions", ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())],
+        ["steps / epochs", f"{info.get('steps')} / {info.get('epochs_completed')}"],
+        ["stopped because", info.get("stop_reason")], ["best step", _fmt(info.get("best_step"))],
+        ["wall time (s)", _fmt(info.get("wall_time_s"))], ["training time (s)", _fmt(info.get("train_time_s"))],
+        ["training samples/s", _fmt(info.get("train_samples_per_s"))],
+        ["padding efficiency", _fmt(info.get("padding_efficiency"))],
+        ["frozen-prefix cache", "off" if info.get("prefix_cache_from_layer") is None else
+         f"layers below {info.get('prefix_cache_from_layer')} computed once ({_fmt(info.get('prefix_cache_s'))} s)"],
+    ]
+    metric_rows = [["accuracy", _fmt(test.get("accuracy"))], ["loss", _fmt(test.get("loss"))]] + [
+        [f"{kind} {avg}", _fmt(test.get(f"{kind}_{avg}"))] for avg in ("macro", "weighted")
+        for kind in ("precision", "recall", "f1")]
+    per_class = [["class", "precision", "recall", "F1", "support"]] + [
+        [name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
+        for name, v in test.get("per_class", {}).items()]
+    pair_rows = [["true", "predicted", "count"]] + [[p["true"], p["predicted"], str(p["count"])] for p in pairs]
+    sections: list[tuple[str, Any]] = [
+        ("Summary", summary), ("Data", data_rows), ("Model and method", model_rows), ("Hyperparameters", hyper),
+        ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows), ("Per-class test metrics", per_class),
+        ("Plots", plots), ("Most confused class pairs", pair_rows),
+    ]
+    for p in pairs:
+        rows = [["probability", "text", "row"]] + [[f"{e['prob']:.3f}", e["text"], e["row"]] for e in p["examples"]]
+        sections.append((f"{p['true']} predicted as {p['predicted']}: the most confident mistakes", rows))
+    if problems:
+        sections.append(("Warnings", "\n".join(problems)))
+    return sections
+
+
+def _markdown(title: str, sections) -> str:
+    lines = [f"# {title}", ""]
+    for heading, content in sections:
+        lines += [f"## {heading}", ""]
+        if heading == "Plots":
+            lines += [f"![{caption}]({PLOTS_DIR}/{name})\n\n*{caption}*\n" for name, caption in content]
+        elif isinstance(content, str):
+            lines += [f"- {line}" for line in content.splitlines()] + [""]
+        else:
+            header = content[0] if len(content[0]) != 2 or heading in ("Most confused class pairs",) else ["", ""]
+            body = content[1:] if header is content[0] else content
+            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines += ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in body] + [""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
+color:#1f2328;line-height:1.45}h1{border-bottom:2px solid #d0d7de;padding-bottom:.3rem}
+h2{margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}table{border-collapse:collapse;margin:.5rem 0}
+td,th{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;vertical-align:top}th{background:#f6f8fa}
+.headline{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#f6f8fa;border:1px solid #d0d7de;border-radius:8px;
+padding:.7rem 1rem;min-width:9rem}.card b{display:block;font-size:1.5rem}.figs{display:flex;flex-wrap:wrap;gap:1rem}
+figure{margin:0;flex:1 1 480px}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{font-size:.9rem;color:#57606a}
+.warn{background:#fff8c5;border:1px solid #d4a72c;padding:.5rem 1rem}td.text{max-width:700px}
+"""
+
+
+def _html(title: str, sections, plots_dir: Path) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{e(title)}</h1>"]
+    for heading, content in sections:
+        if heading == "Summary":
+            out.append("<div class='headline'>" + "".join(
+                f"<div class='card'>{e(k)}<b>{e(v)}</b></div>" for k, v in content) + "</div>")
+            continue
+        out.append(f"<h2>{e(heading)}</h2>")
+        if heading == "Plots":
+            figs = []
+            for name, caption in content:
+                data = base64.b64encode((plots_dir / name).read_bytes()).decode("ascii")
+                figs.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
+                            f"<figcaption>{e(caption)}</figcaption></figure>")
+            out.append("<div class='figs'>" + "".join(figs) + "</div>")
+        elif isinstance(content, str):
+            out.append("<div class='warn'>" + "<br>".join(e(line) for line in content.splitlines()) + "</div>")
+        else:
+            has_header = len(content[0]) != 2 or heading == "Most confused class pairs"
+            rows = content[1:] if has_header else content
+            table = ["<table>"]
+            if has_header:
+                table.append("<tr>" + "".join(f"<th>{e(str(c))}</th>" for c in content[0]) + "</tr>")
+            for row in rows:
+                cells = "".join(f"<td{' class=text' if len(str(c)) > 80 else ''}>{e(str(c))}</td>" for c in row)
+                table.append(f"<tr>{cells}</tr>")
+            out.append("".join(table) + "</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(run_dir: str | Path, require_completed: bool = True) -> Path:
+    """Write plots/, report.md and a self-contained report.html into the run directory; return report.html."""
+    view = RunView(run_dir, require_completed=require_completed)
+    plots_dir = view.path / PLOTS_DIR
+    plots_dir.mkdir(exist_ok=True)
+    plots, problems = draw_plots(view, plots_dir)
+    for problem in problems:
+        warnings.warn(problem, stacklevel=2)
+    pairs = confused_pairs(view)
+    title = f"lorafit run {view.name}: {view.config.model.method} on {view.config.model.model}"
+    sections = _sections(view, pairs, plots, problems)
+    atomic_write_text(view.path / "report.md", _markdown(title, sections))
+    atomic_write_text(view.path / "report.html", _html(title, sections, plots_dir))
+    return view.path / "report.html"
+
+
+# --- comparing runs ----------------------------------------------------------------------------------------
+COMPARED = ("model", "method", "pooling", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_layers",
+            "learning_rate", "epochs", "batch_size", "precision", "seed")
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """One table (markdown, HTML, CSV) and overlaid validation curves for several runs; return the HTML path."""
+    views = [RunView(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [{**v.config.data.model_dump(), **v.config.model.model_dump(), **v.config.train.model_dump()} for v in views]
+    differing = [k for k in COMPARED if len({json.dumps(f.get(k)) for f in flat}) > 1] or ["model", "method"]
+    header = ["run", *differing, "test accuracy", "test macro F1", "trainable params", "samples/s", "wall s"]
+    rows = [[v.name, *[_fmt(f.get(k)) for k in differing], _fmt(v.test.get("accuracy")), _fmt(v.test.get("f1_macro")),
+             _fmt(v.info.get("model", {}).get("trainable_params")), _fmt(v.info.get("train_samples_per_s")),
+             _fmt(v.info.get("wall_time_s"))] for v, f in zip(views, flat)]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+
+    plt = _plt()
+    plots, problems = [], []
+    for name, key, ylabel in (("compare_accuracy.png", "accuracy", "validation accuracy"),
+                              ("compare_loss.png", "loss", "validation loss")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        try:
+            for v in views:
+                val = v.validation_rows
+                ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=v.name)
+            ax.set(xlabel="optimizer step", ylabel=ylabel, title=ylabel.capitalize())
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            b = io.BytesIO()
+            fig.savefig(b, format="png")
+            atomic_write_bytes(out / name, b.getvalue())
+            plots.append((name, ylabel.capitalize() + " of each run"))
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"plot {name} could not be drawn: {type(exc).__name__}: {exc}")
+        finally:
+            plt.close(fig)
+    sections = [("Runs", [header, *rows]), ("Plots", plots)] + ([("Warnings", "\n".join(problems))] if problems else [])
+    title = f"lorafit comparison of {len(views)} runs"
+    md = _markdown(title, sections).replace(f"]({PLOTS_DIR}/", "](")
+    atomic_write_text(out / "compare.md", md)
+    atomic_write_text(out / "compare.html", _html(title, sections, out))
+    return out / "compare.html"
