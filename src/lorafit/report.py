@@ -195,6 +195,10 @@ def draw_plots(view: RunView, out_dir: Path) -> tuple[list[tuple[str, str]], lis
 
 # --- the report --------------------------------------------------------------------------------------------
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items() if x is not None) or "none"
     if isinstance(v, float):
         # scores in [0.01, 1) with 4 decimals; learning rates, times and throughputs with 4 significant digits
         return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
@@ -219,13 +223,13 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         ["wall time (s)", _fmt(info.get("wall_time_s"))], ["training samples/s", _fmt(info.get("train_samples_per_s"))],
     ]
     data_rows = [
-        ["source", json.dumps(data.get("source", {}))], ["split", f"{data.get('split')} (seed {data.get('seed')})"],
-        ["rows read", json.dumps(data.get("rows_read", {}))],
+        ["source", _fmt(data.get("source", {}))], ["split", f"{data.get('split')} (seed {data.get('seed')})"],
+        ["rows read", _fmt(data.get("rows_read", {}))],
         ["train / validation / test", " / ".join(str(data.get("sizes", {}).get(k, "—")) for k in ("train", "validation", "test"))],
         ["texts cleaned", _fmt(cleaned) if data.get("clean_text") else "cleaning off"],
-        ["dropped (empty after cleaning)", json.dumps(data.get("dropped_empty_after_cleaning", {}))],
-        ["dropped by token length", json.dumps(data.get("dropped_by_length", {}))],
-        ["truncated at max_length", json.dumps({k: v.get("truncated") for k, v in data.get("token_lengths", {}).items() if v})],
+        ["dropped (empty after cleaning)", _fmt(data.get("dropped_empty_after_cleaning", {}))],
+        ["dropped by token length", _fmt(data.get("dropped_by_length", {}))],
+        ["truncated at max_length", _fmt({k: v.get("truncated") for k, v in data.get("token_lengths", {}).items() if v})],
     ]
     model_rows = [
         ["backbone", cfg.model.model], ["method", cfg.model.method], ["pooling", cfg.model.pooling],
