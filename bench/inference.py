@@ -63,6 +63,7 @@ def peer_predict(run_dir: Path, texts: list[str], batch_size: int, dynamic: bool
     from lorafit.rundir import read_labels
 
     hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     cfg = Config.from_yaml(run_dir / "config.yaml")
     labels = read_labels(run_dir)
     t0 = time.perf_counter()

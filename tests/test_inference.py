@@ -28,7 +28,8 @@ def invoke(*args):
 def mean_run(tiny_model_dir, tmp_path_factory):
     """A tiny BERT LoRA run with mean pooling (lorafit's own head)."""
     out = tmp_path_factory.mktemp("mean-run")
-    return lorafit.train(tiny_config(tiny_model_dir("bert"), out, pooling="mean", epochs=1)).path
+    return lorafit.train(tiny_config(tiny_model_dir("bert"), out, pooling="mean", epochs=1, max_train_samples=120,
+                                     max_eval_samples=40)).path
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,7 @@ def classify(
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
     out = Console(highlight=False, soft_wrap=True)
+    err.print(f"[dim]{run} ({clf.backend.name})[/]", highlight=False)
     for row in rows:
         ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])
         out.print(f"[bold]{row['label']}[/] {ranked[0][1]:.3f}  {row['text'][:100]}")

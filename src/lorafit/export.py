@@ -4,6 +4,8 @@ optionally int8-quantised, and checks its labels against the run's own PyTorch m
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 import warnings
@@ -148,8 +150,12 @@ def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_
         int8_path = export / ONNX_FILES["onnx-int8"]
         if int8:
             tmp8 = export / f".{ONNX_FILES['onnx-int8']}.tmp"
-            # weights int8 per output channel, activations quantised on the fly: no calibration data needed
-            quantize_dynamic(files["onnx"], tmp8, weight_type=QuantType.QInt8, per_channel=True)
+            # the MatMuls only: int8 weights per output channel, activations quantised on the fly (no calibration
+            # data). The embedding table (Gather) stays fp32: quantising it cost 0.2 more accuracy points on
+            # AG News for no speed (a lookup), and onnxruntime's hint to pre-process first is noise here.
+            with _quiet_root_logger():
+                quantize_dynamic(files["onnx"], tmp8, weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul"])
             tmp8.replace(int8_path)
             files["onnx-int8"] = int8_path
         elif int8_path.exists():
@@ -196,6 +202,17 @@ def compare(clf, texts: list[str], labels: Optional[np.ndarray], files: dict[str
     finally:
         clf.backend = torch_backend
     return out
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _ort_version() -> str:
