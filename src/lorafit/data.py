@@ -25,6 +25,8 @@ from .config import BUNDLED_DATASET, DataConfig
 from .errors import LorafitError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# A "text" this long is a wrong column or a damaged file, and tokenizing it would stall the run.
+MAX_TEXT_CHARS = 1_000_000
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle"}
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
@@ -329,6 +331,11 @@ def _texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
     for i, t in enumerate(joined.tolist()):
         if t is None or (isinstance(t, float) and math.isnan(t)) or not str(t).strip():
             raise LorafitError(f"{_row(origin, i)}: field '{'+'.join(columns)}' is empty; remove the row or fill it in")
+        if len(str(t)) > MAX_TEXT_CHARS:
+            raise LorafitError(
+                f"{_row(origin, i)}: field '{'+'.join(columns)}' holds {len(str(t)):,} characters (over "
+                f"{MAX_TEXT_CHARS:,}); is this the right column? split such documents before training"
+            )
         texts.append(str(t))
     return texts
 
@@ -345,6 +352,12 @@ def _labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[st
             raise LorafitError(f"{_row(origin, i)}: label is missing; every row needs a label")
         values.append(v.strip() if isinstance(v, str) else v)
     as_int = _as_ints(values)
+    if as_int is None:
+        numeric = [_as_float(v) for v in values]
+        if all(x is not None for x in numeric):  # numbers, but not all whole: a regression target or a typo
+            i = next(i for i, x in enumerate(numeric) if not float(x).is_integer())
+            raise LorafitError(f"{_row(origin, i)}: label {values[i]!r} is not a whole number; labels are class ids "
+                               "0..n-1 or class names")
     if as_int is not None:
         n = len(label_names) if label_names else None
         if n is None:
@@ -373,6 +386,16 @@ def _labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[st
             )
         ids.append(index[n])
     return np.asarray(ids, dtype=np.int64), label_names
+
+
+def _as_float(v) -> Optional[float]:
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _as_ints(values: list) -> Optional[list[int]]:

@@ -91,6 +91,12 @@ def make_accelerator(cfg: Config):
     precision = resolve_precision(cfg.train.precision, device)
     if device == "cpu":
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    # Accelerate keeps one global state per process; a second run in the same process (a notebook, a sweep)
+    # with another precision would be refused, so each run starts from a fresh state (process group kept)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=device == "cpu", mixed_precision=PRECISIONS[precision],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
