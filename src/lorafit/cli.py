@@ -272,7 +272,7 @@ def evaluate_file(
     from rich.table import Table
 
     from .config import Config
-    from .data import _labels_from
+    from .data import labels_from
     from .evaluate import compute_metrics
     from .fileio import atomic_write_json
     from .predict import input_texts, read_inputs
@@ -284,7 +284,7 @@ def evaluate_file(
     if label_column:
         data_cfg = data_cfg.model_copy(update={"label_column": label_column})
     names = [str(n) for n in clf.classes_]
-    labels, _ = _labels_from(df, data_cfg, str(data), names, fixed=True)
+    labels, _ = labels_from(df, data_cfg, str(data), names, fixed=True)
     metrics = {"data": str(data), "backend": clf.backend.name, **compute_metrics(labels, clf.decision_function(texts), names)}
     if output:
         atomic_write_json(output, metrics)

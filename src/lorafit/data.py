@@ -155,8 +155,8 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     summary: dict[str, Any] = {"source": source, "split": cfg.split, "seed": seed, "clean_text": cfg.clean_text}
     parts: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
     for name, (df, origin) in frames.items():
-        texts = _texts_from(df, cfg, origin)
-        labels, label_names = _labels_from(df, cfg, origin, label_names, fixed=name != "train")
+        texts = texts_from(df, cfg, origin)
+        labels, label_names = labels_from(df, cfg, origin, label_names, fixed=name != "train")
         parts[name] = (texts, labels, np.arange(len(df)))
     summary["rows_read"] = {k: len(v[0]) for k, v in parts.items()}
 
@@ -313,7 +313,7 @@ def _row(origin: str, i: int) -> str:
     return f"{origin}: line {i + 2}" if origin.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")) else f"{origin}: row {i + 1}"
 
 
-def _texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
+def texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
     columns = cfg.text_columns or [cfg.text_column]
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -340,7 +340,7 @@ def _texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
     return texts
 
 
-def _labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[str]], fixed: bool):
+def labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[str]], fixed: bool):
     if cfg.label_column not in df.columns:
         raise LorafitError(
             f"{origin}: no label column '{cfg.label_column}' (columns: {', '.join(df.columns)}); set --label-column"

@@ -183,10 +183,10 @@ def read_inputs(path: str | Path, allow_pickle: bool = False, text_column: str =
 def input_texts(df: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
     """The text of every row (columns joined with a space); an empty row is an error naming its line."""
     from .config import DataConfig
-    from .data import _texts_from
+    from .data import texts_from
 
     cfg = DataConfig(text_columns=columns) if len(columns) > 1 else DataConfig(text_column=columns[0])
-    return _texts_from(df, cfg, origin)
+    return texts_from(df, cfg, origin)
 
 
 def row_ids(df: pd.DataFrame, id_column: Optional[str], origin: str) -> list:
