@@ -355,9 +355,10 @@ def labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[str
     if as_int is None:
         numeric = [_as_float(v) for v in values]
         if all(x is not None for x in numeric):  # numbers, but not all whole: a regression target or a typo
-            i = next(i for i, x in enumerate(numeric) if not float(x).is_integer())
-            raise LorafitError(f"{_row(origin, i)}: label {values[i]!r} is not a whole number; labels are class ids "
-                               "0..n-1 or class names")
+            i = next((i for i, x in enumerate(numeric) if not float(x).is_integer()), None)
+            if i is not None:
+                raise LorafitError(f"{_row(origin, i)}: label {values[i]!r} is not a whole number; labels are class "
+                                   "ids 0..n-1 or class names")
     if as_int is not None:
         n = len(label_names) if label_names else None
         if n is None:
@@ -407,8 +408,8 @@ def _as_ints(values: list) -> Optional[list[int]]:
             out.append(int(v))
         elif isinstance(v, (float, np.floating)) and float(v).is_integer():
             out.append(int(v))
-        elif isinstance(v, str) and re.fullmatch(r"-?\d+", v):
-            out.append(int(v))
+        elif isinstance(v, str) and re.fullmatch(r"-?\d+(\.0*)?", v):  # "3" or "3.0" (a CSV of floats)
+            out.append(int(float(v)))
         else:
             return None
     return out
