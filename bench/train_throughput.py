@@ -63,7 +63,6 @@ def run_lorafit(name: str, args) -> dict:
 
 def run_peer(name: str, args) -> dict:
     """The script a user writes today: datasets.map tokenization, DataCollatorWithPadding, Trainer, PEFT."""
-    import numpy as np
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model

@@ -1,7 +1,6 @@
 """Bad input: one clear error line naming the file, row or field, exit code 2, nothing half-written."""
 
 import json
-import os
 
 import pandas as pd
 import pytest

@@ -1,6 +1,5 @@
 """Loading from each file format, label forms, joined columns, cleaning and splits."""
 
-import json
 
 import numpy as np
 import pandas as pd

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional

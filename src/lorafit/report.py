@@ -15,7 +15,7 @@ import json
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .fileio import atomic_write_bytes, atomic_write_text
 from .rundir import read_labels, read_metrics, read_run

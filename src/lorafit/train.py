@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -199,8 +199,9 @@ def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from:
             tokenizer.save_pretrained(run_dir / "tokenizer")
             record.update(precision=precision, device=str(accelerator.device), model=minfo.as_dict(),
                           data_sizes=bundle.summary["sizes"])
+        if main and resume_from is not None:
+            _check_same_splits(run_dir, bundle)
         if main:
-            _check_same_splits(run_dir, bundle) if resume_from is not None else None
             console.print(
                 f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {minfo.trainable:,} / total "
                 f"{minfo.total:,} ({minfo.percent:.2f}%), budget "
