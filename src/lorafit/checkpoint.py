@@ -19,7 +19,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LorafitError
-from .fileio import atomic_write_json
+from .fileio import atomic_directory, atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -74,10 +73,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> N
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scaler, loop_state: dict[str, Any],
                     best_state: Optional[dict[str, torch.Tensor]], keep: int) -> Path:
     """Write checkpoints/step-N in a temporary directory and rename it into place; prune old ones."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
+    with atomic_directory(final) as tmp:
         save_file(_flat({n: p for n, p in model.named_parameters() if p.requires_grad}), tmp / "trainable.safetensors")
         if best_state is not None:
             save_file(_flat(best_state), tmp / "best.safetensors")
@@ -92,13 +89,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
             "scheduler": json.loads(json.dumps(scheduler.state_dict(), default=lambda o: None)),
             "scaler": scaler.state_dict() if scaler is not None else None,
         })
-        final = root / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import LorafitError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_directory, atomic_write_json, atomic_write_text
 from .predict import EXPORT_DIR, ONNX_FILES, OnnxBackend, load
 from .rundir import read_run
 
@@ -48,16 +46,10 @@ def _write_dir_atomically(out: Path, overwrite: bool, fill) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise LorafitError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    if out.exists() and not out.is_dir():
+        out.unlink()
+    with atomic_directory(out) as tmp:
         fill(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:

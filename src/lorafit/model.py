@@ -243,28 +243,17 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
 # --- saving and loading weights ------------------------------------------------------------------------
 def save_weights(model: nn.Module, cfg: ModelConfig, out_dir: Path) -> None:
     """Write model/ into a temporary directory and rename it into place (a directory rename is atomic)."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        if cfg.method == "lora":
-            model.save_pretrained(tmp, safe_serialization=True)
-        elif cfg.method == "full" and cfg.pooling == "cls":
+    from .fileio import atomic_directory
+
+    with atomic_directory(Path(out_dir)) as tmp:
+        if cfg.method == "lora" or (cfg.method == "full" and cfg.pooling == "cls"):
             model.save_pretrained(tmp, safe_serialization=True)
         elif cfg.method == "full":
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         else:
             save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}, tmp / "head.safetensors")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_trained(cfg: ModelConfig, label_names: list[str], weights_dir: Path, merge: bool = True) -> nn.Module:
