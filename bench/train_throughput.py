@@ -36,6 +36,8 @@ ABLATIONS = {
     "lorafit-fp32": {"precision": "fp32"},
     "lorafit-no-cache": {"cache_frozen_prefix": False},
     "lorafit-no-grouping": {"group_by_length": False},
+    "lorafit-no-pad-multiple": {"pad_to_multiple_of": None},
+    "lorafit-attention-dropout": {"attention_dropout": None},  # the checkpoint's 0.1
 }
 CONTENDERS = ["peer-same", "peer-usual", *ABLATIONS]
 
@@ -81,7 +83,10 @@ def run_peer(name: str, args) -> dict:
     path = resolve_model_path(cfg.model.model)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(cfg.train.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(bundle.label_names))
+    extra = {}
+    if name == "peer-same" and cfg.model.attention_dropout is not None:
+        extra["attention_probs_dropout_prob"] = cfg.model.attention_dropout  # lorafit's default drops it
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(bundle.label_names), **extra)
     if name == "peer-same":
         # lorafit's default adapters, named the way PEFT users name them
         targets = find_target_modules(model, cfg.model.target_modules, cfg.model.lora_layers)

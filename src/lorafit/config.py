@@ -91,6 +91,15 @@ class ModelConfig(_Section):
         "'none' for all layers. Adapting only the top layers lets the frozen ones be computed once.",
     )
     lora_bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases LoRA trains.")
+    encoder_dropout: Optional[float] = Field(
+        None, ge=0, lt=1, description="Dropout on the encoder's hidden states; 'none' keeps the checkpoint's own "
+        "(0.1 for BERT). The head's dropout is classifier_dropout."
+    )
+    # 0 by default: on a CPU its masks (batch x heads x length x length) cost more than the hidden-state
+    # dropout while the latter alone kept the accuracy (measured: docs/speed.md)
+    attention_dropout: Optional[float] = Field(
+        0.0, ge=0, lt=1, description="Dropout on the attention probabilities; 'none' keeps the checkpoint's own."
+    )
     classifier_dropout: Optional[float] = Field(None, ge=0, lt=1, description="Dropout before the head (default: model's).")
     param_budget: Optional[int] = Field(
         1_000_000,
@@ -124,6 +133,10 @@ class TrainConfig(_Section):
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
     seed: int = Field(42, description="Seed for splits, initialisation, dropout and data order.")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    pad_to_multiple_of: Optional[int] = Field(
+        8, ge=1, description="Pad each training batch to a multiple of this many tokens: fewer distinct shapes, "
+        "so the matmul kernels are reused ('none': pad to the longest text only)."
+    )
     cache_frozen_prefix: bool = Field(
         True, description="When only the top layers train, compute the frozen lower layers once per text and reuse "
         "them every epoch (no dropout inside the frozen layers)."

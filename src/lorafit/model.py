@@ -125,18 +125,63 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> nn.
         AutoConfig.from_pretrained, cfg.model, num_labels=num_labels, id2label=id2label,
         label2id={n: i for i, n in id2label.items()}, trust_remote_code=cfg.trust_remote_code,
     )
-    if cfg.classifier_dropout is not None:
-        hf_config.classifier_dropout = cfg.classifier_dropout
+    checkpoint_dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
+    set_dropouts(hf_config, cfg.encoder_dropout, cfg.attention_dropout, cfg.classifier_dropout)
     if cfg.pooling == "cls":
         return _from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
             trust_remote_code=cfg.trust_remote_code,
         )
     encoder = _from_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config, trust_remote_code=cfg.trust_remote_code)
-    dropout = cfg.classifier_dropout
-    if dropout is None:
-        dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
+    dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
     return MeanPoolingClassifier(encoder, num_labels, dropout)
+
+
+# config keys of the encoder's own dropout (BERT family, DistilBERT, DeBERTa, ModernBERT) and of the heads'
+_HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout", "hidden_dropout", "mlp_dropout", "embedding_dropout")
+_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
+_HEAD_DROPOUT = ("classifier_dropout", "seq_classif_dropout", "cls_dropout")
+
+
+def set_dropouts(hf_config, hidden: Optional[float], attention: Optional[float], head: Optional[float]) -> None:
+    """Set the encoder's dropout without touching the head's, whose default in most heads is the hidden dropout."""
+    if head is None and hidden is not None:
+        head = next((getattr(hf_config, k) for k in _HEAD_DROPOUT if getattr(hf_config, k, None) is not None),
+                    getattr(hf_config, "hidden_dropout_prob", None))
+    if head is not None:
+        for key in _HEAD_DROPOUT:
+            if key == "classifier_dropout" or hasattr(hf_config, key):
+                setattr(hf_config, key, head)
+    for keys, value in ((_HIDDEN_DROPOUT, hidden), (_ATTENTION_DROPOUT, attention)):
+        for key in keys if value is not None else ():
+            old = getattr(hf_config, key, None)
+            if isinstance(old, (int, float)) and not isinstance(old, bool):
+                setattr(hf_config, key, value)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout whose CPU mask takes one random byte per element, drawn eight at a time: `bernoulli_` draws
+    a random number per element and costs about 4x more (0.5 vs 1.8 ms for a 16 x 48 x 384 batch here).
+    p is rounded to a multiple of 1/256 and the scale follows the rounded p."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        drop = min(255, round(self.p * 256))
+        n = x.numel()
+        words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= drop
+        # the scaled mask in x's dtype: one multiply forward and one backward, no casts of a bool mask
+        mask = torch.where(keep, torch.tensor(256 / (256 - drop), dtype=x.dtype), torch.tensor(0, dtype=x.dtype))
+        return x * mask
+
+
+def use_fast_dropout(model: nn.Module) -> None:
+    """Swap every nn.Dropout for FastDropout (same p); modules that call F.dropout directly are left alone."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, FastDropout(child.p, child.inplace))
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -191,6 +236,7 @@ def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[l
 def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
     """Build the model and mark what trains, per method; check the budget."""
     base = build_base(cfg, num_labels, label_names)
+    use_fast_dropout(base)
     heads = head_module_names(base)
     targets: list[str] = []
     if cfg.method == "lora":
