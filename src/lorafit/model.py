@@ -178,7 +178,7 @@ class FastDropout(nn.Dropout):
 
 def use_fast_dropout(model: nn.Module) -> None:
     """Swap every nn.Dropout for FastDropout (same p); modules that call F.dropout directly are left alone."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Dropout:
                 setattr(module, child_name, FastDropout(child.p, child.inplace))

@@ -324,7 +324,8 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     train_enc = encoded["train"]
     sampler = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size, t.seed, t.group_by_length)
     # the loader gets its own generator so creating an iterator never draws from the global RNG (exact resume)
-    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler, collate_fn=Collator(pad_id, t.pad_to_multiple_of),
+    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler,
+                                         collate_fn=Collator(pad_id, t.pad_to_multiple_of),
                                          generator=torch.Generator().manual_seed(t.seed))
 
     steps_per_epoch = math.ceil(len(sampler) / t.grad_accum_steps)
