@@ -1,10 +1,13 @@
 """Step-level ablation of lorafit's CPU training paths that are not config switches.
 
-Runs the default recipe's training step (cached prefix, top 3 layers, bf16 autocast, batch 16) for a fixed number
-of steps, once with every path on and once with each path off, each variant in a fresh process, and prints
-samples/s and the ratio to the default. The paths:
+Runs the default recipe's training step (cached prefix, the adapted top layers, batch 16, the precision
+`train.precision: auto` picks on this machine) for a fixed number of steps, once with every path on and once with
+each path off, each variant in a fresh process, and prints samples/s and the ratio to the default. The paths:
 
-  frozen-bf16      frozen Linear weights held in bf16 during training (train.frozen_linears_in)
+  frozen-bf16      under bf16: frozen Linear weights held in bf16 during training (frozen.frozen_linears)
+  frozen-int8      under fp32: frozen weights' forward matmuls in int8 (frozen.frozen_linears; a config switch,
+                   train.int8_frozen_weights, here for the step-level view)
+  fused-lora       under fp32: each LoRA layer as one autograd node (frozen._LoraLinear) instead of PEFT's forward
   math-attention   SDPA's math kernel for CPU training instead of the fused flash kernel (train.training_attention)
   fast-dropout     the byte-mask dropout (model.FastDropout) instead of nn.Dropout
   fused-adamw      AdamW(fused=True)
@@ -32,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VARIANTS = {  # name: the one path switched off
     "default": None,
     "no-frozen-bf16": "frozen_bf16",
+    "no-int8": "frozen_int8",
+    "peft-lora": "fused_lora",
     "flash-attention": "math_attention",
     "torch-dropout": "fast_dropout",
     "unfused-adamw": "fused_adamw",
@@ -49,7 +54,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     from lorafit.data import Collator, EncodedDataset, LengthGroupedBatches, load_data
     from lorafit.model import FastDropout, load_tokenizer, prepare_model
     from lorafit.prefix_cache import FrozenPrefix
-    from lorafit.train import _param_groups, encode_splits, frozen_linears_in, training_attention
+    from lorafit.frozen import frozen_linears
+    from lorafit.train import _param_groups, encode_splits, frozen_mode, resolve_precision, training_attention
 
     off = VARIANTS[name]
     cfg = Config().with_overrides({"max_train_samples": rows})
@@ -67,15 +73,26 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
             for child_name, child in list(module.named_children()):
                 if isinstance(child, FastDropout):
                     setattr(module, child_name, nn.Dropout(child.p))
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    precision = resolve_precision("auto", "cpu")
+    mode = frozen_mode(cfg, precision, "cpu")
+    applies = {"frozen_bf16": mode == "bf16", "frozen_int8": mode == "int8", "fused_lora": precision == "fp32"}
+    if not applies.get(off, True):
+        return {"skipped": f"not a path of {precision} training on this CPU"}
+    if off == "frozen_bf16":
+        mode = "plain"  # no frozen_linears at all: autocast casts the fp32 weights at every call
+    elif off == "frozen_int8":
+        mode = None  # fp32 frozen weights (LoRA layers still fused)
+    bf16 = precision == "bf16"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     sampler = LengthGroupedBatches([len(x) for x in enc.input_ids], cfg.train.batch_size, cfg.train.seed, True)
     loader = torch.utils.data.DataLoader(EncodedDataset(enc), batch_sampler=sampler,
                                          collate_fn=Collator(tok.pad_token_id, cfg.train.pad_to_multiple_of))
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.train.learning_rate, fused=off != "fused_adamw")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    with frozen_linears_in(model, None if off == "frozen_bf16" else torch.bfloat16):
-        prefix = FrozenPrefix.maybe(model, torch.bfloat16)
-        prefix.compute("train", enc, cfg.train.eval_batch_size, tok.pad_token_id, "cpu", autocast)
+    paths = contextlib.nullcontext() if mode == "plain" else frozen_linears(model, mode, fuse_lora=off != "fused_lora")
+    with paths:
+        prefix = FrozenPrefix.maybe(model, torch.bfloat16 if bf16 else torch.float32)
+        prefix.compute("train", enc, cfg.train.eval_batch_size, tok.pad_token_id, "cpu", autocast if bf16 else None)
         model.train()
         attention = contextlib.nullcontext if off == "math_attention" else lambda: training_attention(torch.device("cpu"))
 
@@ -97,7 +114,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
         for batch in itertools.islice(batches, steps):
             samples += step(batch)
         elapsed = time.perf_counter() - t0
-    return {"samples_per_s": round(samples / elapsed, 1), "ms_per_step": round(elapsed / steps * 1000, 1)}
+    return {"samples_per_s": round(samples / elapsed, 1), "ms_per_step": round(elapsed / steps * 1000, 1),
+            "precision": precision, "frozen": mode}
 
 
 def main() -> None:
@@ -122,7 +140,11 @@ def main() -> None:
                              capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if "skipped" in result:
+            print(f"{name:20s} skipped: {result['skipped']}", flush=True)
+            continue
+        results[name] = result
         print(f"{name:20s} {results[name]['samples_per_s']:8.1f} samples/s  {results[name]['ms_per_step']:7.1f} ms/step",
               flush=True)
     base = results.get("default")

@@ -10,7 +10,8 @@ from torch import nn
 from conftest import SAMPLE_TEXTS, tiny_config
 from lorafit.data import Collator, EncodedDataset, encode
 from lorafit.model import FastDropout, load_tokenizer, prepare_model
-from lorafit.train import frozen_linears_in, training_attention
+from lorafit.frozen import frozen_linears, int8_available
+from lorafit.train import frozen_mode, training_attention
 
 
 def _dropouts(module: nn.Module) -> list[float]:
@@ -75,7 +76,7 @@ def test_frozen_linears_in_bf16_give_the_autocast_logits_and_are_restored(tiny_m
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     expected = logits()
-    with frozen_linears_in(model, torch.bfloat16):
+    with frozen_linears(model, "bf16"):
         held = {n: p.dtype for n, p in model.named_parameters()}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         got = logits()
@@ -107,3 +108,100 @@ def test_cpu_training_attention_kernel_gives_the_same_gradients(tiny_model_dir, 
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not int8_available(), reason="fbgemm int8 kernels exist on x86 CPUs only")
+def test_int8_frozen_weights_train_close_to_fp32_evaluate_exactly_and_are_restored(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir("bert"), tmp_path, lora_layers=None)
+    torch.manual_seed(0)
+    model, _ = prepare_model(cfg.model, 4, list("abcd"))
+    batch = _batch("bert", tiny_model_dir)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(train: bool):
+        model.train(train)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.square().sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in trainable])
+
+    ref_out, ref_grad = run(True)
+    ref_eval, _ = run(False)
+    with frozen_linears(model, "int8"):
+        assert any("forward" in vars(m) for m in model.modules())  # the frozen linears run the int8 kernel
+        out, grad = run(True)
+        eval_out, _ = run(False)
+    assert not torch.equal(out, ref_out)  # int8 was used in training ...
+    assert (out - ref_out).norm() / ref_out.norm() < 0.05  # ... and stays close to fp32
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.99
+    assert torch.equal(eval_out, ref_eval)  # evaluation uses the fp32 weights
+    assert not any("forward" in vars(m) or hasattr(m, "_lorafit_int8") for m in model.modules())  # restored
+    torch.testing.assert_close(run(True)[0], ref_out, rtol=0, atol=0)
+
+
+def test_frozen_mode_follows_precision_and_the_int8_switch(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir("bert"), tmp_path)
+    assert frozen_mode(cfg, "bf16", "cpu") == "bf16"
+    assert frozen_mode(cfg, "fp16", "cuda") == "fp16"
+    assert frozen_mode(cfg, "fp32", "cpu") == ("int8" if int8_available() else None)
+    assert frozen_mode(cfg, "fp32", "cuda") is None  # fbgemm kernels are CPU kernels
+    assert frozen_mode(cfg.with_overrides({"int8_frozen_weights": False}), "fp32", "cpu") is None
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_fused_lora_node_computes_what_peft_computes(family, tiny_model_dir, tmp_path):
+    from unittest import mock
+
+    from lorafit import frozen
+
+    cfg = tiny_config(tiny_model_dir(family), tmp_path, lora_layers=None, target_modules=["all-linear"])
+    torch.manual_seed(0)
+    model, _ = prepare_model(cfg.model, 4, list("abcd"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would hide a wrong gradient of A
+            nn.init.normal_(p, std=0.1)
+    batch = _batch(family, tiny_model_dir)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def run():
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in trainable}
+
+    ref_out, ref_grads = run()
+    with frozen_linears(model, None), mock.patch.object(frozen._LoraLinear, "apply", wraps=frozen._LoraLinear.apply) as node:
+        out, grads = run()
+    assert node.call_count == sum(1 for n, _ in trainable if n.endswith("lora_A.default.weight"))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any("forward" in vars(m) for m in model.modules())  # PEFT's forward is back
+
+
+@pytest.mark.skipif(not int8_available(), reason="fbgemm int8 kernels exist on x86 CPUs only")
+def test_int8_smoothing_tames_outlier_channels_and_calibration_sees_every_call():
+    from lorafit.frozen import Int8Weight, calibrate_int8
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).requires_grad_(False)
+    x = torch.randn(200, 64)
+    x[:, 3] *= 60  # one outlier channel, as LayerNorm outputs of BERT-like encoders have
+    ref = linear(x)
+
+    def error(int8):
+        return ((int8(x) - ref).norm() / ref.norm()).item()
+
+    plain, smoothed = error(Int8Weight(linear, None)), error(Int8Weight(linear, x.abs().amax(0)))
+    assert smoothed < plain / 2 and smoothed < 0.03
+
+    model = nn.Sequential(linear)
+    with frozen_linears(model, "int8"):
+        halves = [x[:100], x[100:] * 2]
+        assert calibrate_int8(model, lambda: [model.eval()(h) for h in halves]) == 1
+        expected = torch.maximum(halves[0].abs().amax(0), halves[1].abs().amax(0))
+        torch.testing.assert_close(linear._lorafit_int8.inv_smooth, Int8Weight(linear, expected).inv_smooth)
+    assert "_lorafit_int8" not in vars(linear)

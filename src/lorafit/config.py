@@ -137,6 +137,10 @@ class TrainConfig(_Section):
         8, ge=1, description="Pad each training batch to a multiple of this many tokens: fewer distinct shapes, "
         "so the matmul kernels are reused ('none': pad to the longest text only)."
     )
+    int8_frozen_weights: bool = Field(
+        True, description="In fp32 training on an x86 CPU, run the frozen weights' forward matmuls in int8 (fbgemm; "
+        "gradients stay fp32, evaluation uses the fp32 weights). Not used under bf16/fp16, which hold them in bf16/fp16."
+    )
     cache_frozen_prefix: bool = Field(
         True, description="When only the top layers train, compute the frozen lower layers once per text and reuse "
         "them every epoch (no dropout inside the frozen layers)."

@@ -29,6 +29,7 @@ from .data import (
 from .errors import Interrupted, LorafitError
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .fileio import atomic_write_json, atomic_write_text
+from .frozen import frozen_linears, int8_available
 from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
 from .rundir import MetricsLog, RunRecord, new_run_dir
 
@@ -106,27 +107,14 @@ def make_accelerator(cfg: Config):
     return accelerator, precision
 
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def frozen_linears_in(model: nn.Module, dtype: Optional[torch.dtype]):
-    """Hold the frozen Linear weights in the autocast dtype while training, fp32 again afterwards.
-    Autocast caches the casts of trainable weights only, so a frozen weight was cast anew at every call
-    (the copies were ~8% of a CPU step); autocast would cast them to this dtype anyway, so the numbers are equal."""
-    saved = []
-    if dtype is not None:
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                for p in (module.weight, module.bias):
-                    if p is not None and not p.requires_grad and p.dtype == torch.float32:
-                        saved.append((p, p.data))
-                        p.data = p.data.to(dtype)
-    try:
-        yield
-    finally:
-        for p, data in saved:
-            p.data = data
+def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
+    """How the frozen Linear weights compute in training steps (see frozen.py): in the autocast dtype, in int8
+    for fp32 training on an x86 CPU (train.int8_frozen_weights), or as they are."""
+    if precision in ("bf16", "fp16"):
+        return precision
+    if precision == "fp32" and device == "cpu" and cfg.train.int8_frozen_weights and int8_available():
+        return "int8"
+    return None
 
 
 def training_attention(device: torch.device):
@@ -220,6 +208,7 @@ def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from:
     encoded = encode_splits(bundle, tokenizer, cfg)
     set_seed(cfg.train.seed)  # the head's initialisation does not depend on how much data loading drew
     model, minfo = prepare_model(cfg.model, len(bundle.label_names), bundle.label_names)
+    frozen = frozen_mode(cfg, precision, accelerator.device.type)
 
     if resume_from is None and main:
         run_dir = new_run_dir(cfg)
@@ -232,8 +221,8 @@ def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from:
             atomic_write_json(run_dir / "splits.json", {
                 k: getattr(bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
             tokenizer.save_pretrained(run_dir / "tokenizer")
-            record.update(precision=precision, device=str(accelerator.device), model=minfo.as_dict(),
-                          data_sizes=bundle.summary["sizes"])
+            record.update(precision=precision, frozen_weights=frozen or "fp32", device=str(accelerator.device),
+                          model=minfo.as_dict(), data_sizes=bundle.summary["sizes"])
         if main and resume_from is not None:
             _check_same_splits(run_dir, bundle)
         if main:
@@ -241,11 +230,12 @@ def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from:
                 f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {minfo.trainable:,} / total "
                 f"{minfo.total:,} ({minfo.percent:.2f}%), budget "
                 f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
-                f"device {accelerator.device}, precision {precision}; "
+                f"device {accelerator.device}, precision {precision}"
+                + (f" (frozen weights {frozen})" if frozen == "int8" else "") + "; "
                 f"train/validation/test {len(encoded['train'])}/{len(encoded['validation'])}/{len(encoded['test'])}"
                 + (f"; resuming from {resume_from.name}" if resume_from is not None else "")
             )
-        with frozen_linears_in(model, COMPUTE_DTYPES.get(precision)):
+        with frozen_linears(model, frozen):
             result = _fit(cfg, model, tokenizer, encoded, bundle.label_names, accelerator, console, run_dir, record,
                           resume_from)
         info = {"wall_time_s": round(time.time() - t_start, 2), **result["info"]}
@@ -341,6 +331,8 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     prefix, prefix_time = _frozen_prefix(cfg, model, encoded, pad_id, accelerator, console)
+    # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same way
+    _calibrate_int8(model, encoded["train"], prefix, pad_id, accelerator)
 
     # everything the loop carries from step to step; a checkpoint saves it, a resume restores it
     st: dict[str, Any] = dict(epoch=0, batches_done=0, best_value=None, best_step=0, bad_evals=0, samples=0,
@@ -532,6 +524,17 @@ def _frozen_prefix(cfg: Config, model, encoded, pad_id, accelerator, console):
     console.print(f"cached the frozen embeddings + layers 0..{prefix.k - 1} for {sum(map(len, encoded.values()))} "
                   f"texts in {sum(elapsed.values()):.1f}s; each step now runs layers {prefix.k}+ only")
     return prefix, elapsed
+
+
+def _calibrate_int8(model, enc: Encoded, prefix, pad_id, accelerator, rows: int = 64) -> None:
+    """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
+    from .frozen import calibrate_int8
+
+    n = min(rows, len(enc))
+    sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
+    forward = (lambda batch: prefix.logits(model, batch, "train", accelerator.device)) if prefix is not None else None
+    unwrapped = accelerator.unwrap_model(model)
+    calibrate_int8(unwrapped, lambda: predict_logits(unwrapped, sample, n, pad_id, accelerator.device, forward=forward))
 
 
 def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator, prefix=None, split=None) -> dict[str, Any]:
