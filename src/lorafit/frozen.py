@@ -1,19 +1,18 @@
-"""How the frozen Linear weights of the trained layers are computed during training steps.
+"""How the frozen Linear weights of the trained layers compute during training steps.
 
-LoRA trains a few small matrices beside large frozen ones; the frozen matmuls are most of a step's work. Two
-hand-written paths make them cheaper on CPUs, because neither PEFT nor Accelerate has them:
+LoRA trains a few small matrices beside large frozen ones, and the frozen matmuls are most of a step's work.
+Neither PEFT nor Accelerate makes them cheaper on a CPU, so these paths are written here (frozen_linears):
 
 - bf16 / fp16: under autocast the frozen weights are held in the autocast dtype (autocast caches the casts of
   trainable weights only, so it cast each frozen weight anew at every call: ~8% of a CPU step).
-- int8: in fp32 training, each frozen weight is quantised once per channel and the forward matmul runs as
-  fbgemm's int8 dynamic-quantised linear (about 1.8x fp32 on an AVX2 CPU without bf16 units); the backward
-  matmul (the gradient for the layers below) stays fp32 with the original weight. Evaluation, prediction and
-  the frozen-prefix computation always use the fp32 weights: int8 applies to training steps only.
-
-In fp32 training on the CPU, each PEFT LoRA layer also runs as one autograd node (base + low-rank path): the
-scaling is folded into B, the low-rank output is added into the base output in place, and the backward
-matmuls use the operand layouts MKL is fast with. PEFT's forward costs two extra elementwise passes each way
-and a gradient of B three times slower (g^T h against (h^T g)^T); the node computes the same numbers.
+- int8, in fp32 training on x86 CPUs: each frozen weight is quantised once (Int8Weight) and the forward matmul
+  runs as fbgemm's int8 dynamic-quantised linear (1.6-1.9x fp32 on an AVX2 CPU without bf16 units:
+  bench/cpu_kernels.py); the backward matmul (the gradient for the layers below) stays fp32 with the original
+  weight. Evaluation, prediction and the frozen-prefix computation always use the fp32 weights.
+- fused LoRA, in fp32 training on the CPU: each PEFT LoRA layer runs as one autograd node (base + low-rank
+  path) that computes PEFT's numbers with less work: the scaling folded into B, the low-rank output added into
+  the base output in place, and backward matmuls in the operand layouts MKL is fast with (PEFT's gradient of B,
+  g^T h, takes three times as long as (h^T g)^T).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from .data import (
 from .errors import Interrupted, LorafitError
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .fileio import atomic_write_json, atomic_write_text
-from .frozen import frozen_linears, int8_available
+from .frozen import calibrate_int8, frozen_linears, int8_available
 from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
 from .rundir import MetricsLog, RunRecord, new_run_dir
 
@@ -528,8 +528,6 @@ def _frozen_prefix(cfg: Config, model, encoded, pad_id, accelerator, console):
 
 def _calibrate_int8(model, enc: Encoded, prefix, pad_id, accelerator, rows: int = 64) -> None:
     """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
-    from .frozen import calibrate_int8
-
     n = min(rows, len(enc))
     sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
     forward = (lambda batch: prefix.logits(model, batch, "train", accelerator.device)) if prefix is not None else None
