@@ -6,7 +6,7 @@ Neither PEFT nor Accelerate makes them cheaper on a CPU, so these paths are writ
 - bf16 / fp16: under autocast the frozen weights are held in the autocast dtype (autocast caches the casts of
   trainable weights only, so it cast each frozen weight anew at every call: ~8% of a CPU step).
 - int8, in fp32 training on x86 CPUs: each frozen weight is quantised once (Int8Weight) and the forward matmul
-  runs as fbgemm's int8 dynamic-quantised linear (1.6-1.9x fp32 on an AVX2 CPU without bf16 units:
+  runs as fbgemm's int8 dynamic-quantised linear (1.6-2.1x fp32 on an AVX2 CPU without bf16 units:
   bench/cpu_kernels.py); the backward matmul (the gradient for the layers below) stays fp32 with the original
   weight. Evaluation, prediction and the frozen-prefix computation always use the fp32 weights.
 - fused LoRA, in fp32 training on the CPU: each PEFT LoRA layer runs as one autograd node (base + low-rank

@@ -348,7 +348,9 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     log = MetricsLog(run_dir / "metrics.jsonl") if main else None
     evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator,  # noqa: E731
                                        prefix, split)
-    deadline = time.time() + t.time_budget_minutes * 60 - st["train_time"] if t.time_budget_minutes else None
+    # the budget covers what train_time_s counts: the steps and the training rows' prefix computation
+    deadline = (time.time() + t.time_budget_minutes * 60 - st["train_time"] - prefix_time.get("train", 0.0)
+                if t.time_budget_minutes else None)
     stop_reason = "completed"
     loss_sum = torch.tensor(st["loss_sum"], device=accelerator.device)
     progress = _progress(console, main, total_steps)
