@@ -85,8 +85,8 @@ class ModelConfig(_Section):
         description="Modules that get adapters: names such as query,value or 'all-linear' for every linear layer "
         "of the encoder.",
     )
-    # the top 2 of MiniLM's 6 layers: 1.45x the steps/s of the top 3 at -0.2 to -0.7 test-accuracy points in
-    # single runs (docs/speed.md); the cached prefix then covers 4 layers
+    # the top 2 of MiniLM's 6 layers: 1.35x the samples/s of the top 3 for 0.3 test-accuracy points less in one
+    # run each (docs/speed.md); the cached prefix then covers 4 layers
     lora_layers: Optional[list[int]] = Field(
         [-2, -1],
         description="Encoder layers that get adapters; negative counts from the top (-1 is the top layer); "
