@@ -51,12 +51,12 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     from torch import nn
 
     from lorafit.config import Config
-    from lorafit.data import Collator, Encoded, EncodedDataset, LengthGroupedBatches, load_data
-    from lorafit.evaluate import predict_logits
+    from lorafit.data import Collator, EncodedDataset, LengthGroupedBatches, load_data
     from lorafit.model import FastDropout, load_tokenizer, prepare_model
-    from lorafit.frozen import calibrate_int8, frozen_linears
+    from lorafit.frozen import frozen_linears
     from lorafit.prefix_cache import FrozenPrefix
-    from lorafit.train import _param_groups, encode_splits, frozen_mode, resolve_precision, training_attention
+    from lorafit.train import (_calibrate_int8, _param_groups, encode_splits, frozen_mode, resolve_precision,
+                               training_attention)
 
     off = VARIANTS[name]
     cfg = Config().with_overrides({"max_train_samples": rows})
@@ -94,10 +94,7 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     with paths:
         prefix = FrozenPrefix.maybe(model, torch.bfloat16 if bf16 else torch.float32)
         prefix.compute("train", enc, cfg.train.eval_batch_size, tok.pad_token_id, "cpu", autocast if bf16 else None)
-        if mode == "int8":  # as train.py does: ranges from the first 64 training rows, through the cache
-            sample = Encoded(enc.input_ids[:64], enc.labels[:64], enc.full_lengths[:64])
-            calibrate_int8(model, lambda: predict_logits(model, sample, 64, tok.pad_token_id, "cpu",
-                                                         forward=lambda b: prefix.logits(model, b, "train", "cpu")))
+        _calibrate_int8(model, enc, prefix, tok.pad_token_id, "cpu")  # as train.py does (a no-op without int8)
         model.train()
         attention = contextlib.nullcontext if off == "math_attention" else lambda: training_attention(torch.device("cpu"))
 

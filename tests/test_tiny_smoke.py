@@ -18,7 +18,7 @@ def test_methods_train_on_each_family(family, method, tiny_model_dir, tmp_path):
     assert abs(probs.sum(1) - 1).max() < 1e-5
 
 
-def test_time_budget_stops_training_and_keeps_the_best(tiny_model_dir, tmp_path):
+def test_time_budget_stops_training_and_the_run_still_evaluates(tiny_model_dir, tmp_path):
     import lorafit
 
     # 0.01 s: spent before the first step ends, so exactly one step runs; the run still completes and evaluates

@@ -34,9 +34,12 @@ def int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
+def _is_frozen(linear: nn.Module) -> bool:
+    return not linear.weight.requires_grad and (linear.bias is None or not linear.bias.requires_grad)
+
+
 def _frozen_linears(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
-            and (m.bias is None or not m.bias.requires_grad)]
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and _is_frozen(m)]
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:
@@ -45,9 +48,8 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
         return []
-    return [m for m in model.modules() if type(m) is LoraLinear and type(m.base_layer) is nn.Linear
-            and not m.base_layer.weight.requires_grad
-            and (m.base_layer.bias is None or not m.base_layer.bias.requires_grad)]
+    return [m for m in model.modules()
+            if type(m) is LoraLinear and type(m.base_layer) is nn.Linear and _is_frozen(m.base_layer)]
 
 
 class Int8Weight:

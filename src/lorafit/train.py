@@ -332,7 +332,7 @@ def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, conso
     trainable = [p for p in model.parameters() if p.requires_grad]
     prefix, prefix_time = _frozen_prefix(cfg, model, encoded, pad_id, accelerator, console)
     # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same way
-    _calibrate_int8(model, encoded["train"], prefix, pad_id, accelerator)
+    _calibrate_int8(accelerator.unwrap_model(model), encoded["train"], prefix, pad_id, accelerator.device)
 
     # everything the loop carries from step to step; a checkpoint saves it, a resume restores it
     st: dict[str, Any] = dict(epoch=0, batches_done=0, best_value=None, best_step=0, bad_evals=0, samples=0,
@@ -528,13 +528,12 @@ def _frozen_prefix(cfg: Config, model, encoded, pad_id, accelerator, console):
     return prefix, elapsed
 
 
-def _calibrate_int8(model, enc: Encoded, prefix, pad_id, accelerator, rows: int = 64) -> None:
+def _calibrate_int8(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
     """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
     n = min(rows, len(enc))
     sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
-    forward = (lambda batch: prefix.logits(model, batch, "train", accelerator.device)) if prefix is not None else None
-    unwrapped = accelerator.unwrap_model(model)
-    calibrate_int8(unwrapped, lambda: predict_logits(unwrapped, sample, n, pad_id, accelerator.device, forward=forward))
+    forward = (lambda batch: prefix.logits(model, batch, "train", device)) if prefix is not None else None
+    calibrate_int8(model, lambda: predict_logits(model, sample, n, pad_id, device, forward=forward))
 
 
 def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator, prefix=None, split=None) -> dict[str, Any]:
