@@ -349,12 +349,13 @@ def export_run(
 
 
 # --- report (run report and comparisons) ----------------------------------------------------------------
-@app.command("report", help="(Re)write report.md, report.html and plots/ of a run from its run directory alone.")
+@app.command("report", help="(Re)write report.md, report.html, plots/ and the model card model/README.md of a run "
+             "from its run directory alone.")
 @cli_errors
 def _report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
     from .report import write_report
 
-    typer.echo(f"wrote {write_report(run)} and {run / 'report.md'}")
+    typer.echo(f"wrote {write_report(run)}, {run / 'report.md'} and the model card {run / 'model' / 'README.md'}")
 
 
 @app.command("compare", help="One table and overlaid validation curves for several runs (ablations).")
