@@ -139,6 +139,9 @@ def _train(config_file: Optional[Path] = None, resume: Optional[Path] = None, pr
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
+    from .model import check_quantization
+
+    check_quantization(cfg.model, cfg.train.device)  # before any data loads: --quantize needs bitsandbytes + CUDA
     from .train import train
 
     train(cfg)
