@@ -47,3 +47,38 @@ def test_weighted_f1_selects_the_best_checkpoint(tiny_model_dir, tmp_path):
     best = max(val, key=lambda r: r["f1_weighted"])  # the first of equals, as `better` keeps the earlier one
     assert run.info["best_validation_f1_weighted"] == pytest.approx(best["f1_weighted"])
     assert run.info["best_step"] == best["step"]
+
+
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("recipe, trainable, peft_total", [
+    ("roberta-base-lora-r16.yaml", 3_330_820, 127_896_584),  # the notebook's print_trainable_parameters line
+    ("roberta-base-lora.yaml", 741_124, None),                # the seed README's count
+])
+def test_roberta_recipes_train_the_seeds_parameter_counts(recipe, trainable, peft_total, tmp_path, monkeypatch):
+    """Each recipe on roberta-base's shape (config only, weights on the meta device: no download, no memory)."""
+    import torch
+    from transformers import RobertaConfig
+
+    from lorafit import model as model_mod
+    from lorafit.data import AG_NEWS_LABELS
+
+    RobertaConfig(**ROBERTA_BASE).save_pretrained(tmp_path)
+    real = model_mod._from_pretrained
+
+    def from_config(loader, name, config=None, **kwargs):  # the architecture, without the checkpoint's weights
+        if config is None:
+            return real(loader, name, **kwargs)
+        return loader.__self__.from_config(config)  # loader: AutoModel(ForSequenceClassification).from_pretrained
+
+    monkeypatch.setattr(model_mod, "_from_pretrained", from_config)
+    cfg = Config.from_yaml(f"configs/{recipe}")
+    with torch.device("meta"):
+        model, info = model_mod.prepare_model(cfg.model.model_copy(update={"model": str(tmp_path)}), 4, AG_NEWS_LABELS)
+    assert info.trainable == trainable
+    if peft_total:
+        assert model.get_nb_trainable_parameters() == (trainable, peft_total)
+        assert model.base_model.model.config.hidden_dropout_prob == 0.07
