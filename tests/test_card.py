@@ -71,3 +71,29 @@ def test_plain_peft_snippet_in_the_card_matches_lorafit(tiny_run):
     with torch.inference_mode():
         logits = scope["model"](**scope["x"]).logits.numpy()
     np.testing.assert_allclose(logits, clf.decision_function(texts), atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling, method, heading", [
+    ("mean", "lora", "With plain PEFT and Transformers"),
+    ("cls", "full", "With plain Transformers"),
+])
+def test_plain_snippets_of_other_methods_run_and_agree(pooling, method, heading, tiny_model_dir, tmp_path):
+    import numpy as np
+    import torch
+
+    import lorafit
+    from conftest import tiny_config
+
+    run = lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path, pooling=pooling, method=method, epochs=1,
+                                    max_train_samples=32, max_eval_samples=16))
+    text = (run.path / "model" / "README.md").read_text()
+    assert ModelCard.load(run.path / "model" / "README.md").data.library_name == ("peft" if method == "lora" else "transformers")
+    snippet = re.search(rf"{heading}[^\n]*\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope = {}
+    exec(snippet.replace('"path/to/run"', repr(str(run.path))), scope)
+    clf = lorafit.load(run.path)
+    assert scope["labels"] == list(clf.predict(scope["texts"]))
+    with torch.inference_mode():
+        out = scope["model"](**scope["x"])
+    logits = (out.logits if hasattr(out, "logits") else out).numpy()
+    np.testing.assert_allclose(logits, clf.decision_function(scope["texts"]), atol=1e-4)

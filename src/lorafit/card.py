@@ -101,7 +101,7 @@ def _metadata(cfg: Config, name: str, labels: list[str], data: dict, test: dict,
         model_name=name, base_model=base, library_name=library, pipeline_tag="text-classification",
         license=license_, datasets=[dataset] if dataset else None, metrics=["accuracy", "f1", "precision", "recall"],
         tags=["lorafit", "text-classification"] + (["lora"] if cfg.model.method == "lora" else [])
-        + ([f"{cfg.model.quantize}-quantized-base", "qlora"] if getattr(cfg.model, "quantize", "none") != "none" else []),
+        + ([f"{cfg.model.quantize}-quantized-base", "qlora"] if cfg.model.quantize != "none" else []),
         eval_results=results or None,
     )
 
@@ -187,7 +187,7 @@ def model_card(run_dir: str | Path, require_completed: bool = True) -> str:
     shown_base = base or m.model
     name = path.name
     minfo = info.get("model", {})
-    quantize = getattr(m, "quantize", "none")
+    quantize = m.quantize
     meta = _metadata(cfg, name, labels, data, test, base, base_license(m.model))
 
     method = {"lora": "LoRA adapters (PEFT) on the frozen encoder, with the classification head trained in full",
