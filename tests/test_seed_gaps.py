@@ -1,7 +1,8 @@
-"""The seeds' remaining gaps: --validation-size 0 (data side), weighted-F1 selection, integer-id predictions
-for a leaderboard, the roberta-base r16 recipe's parameter count."""
+"""The seeds' remaining gaps: --validation-size 0 (data side), weighted-F1 selection, the RoBERTa recipes'
+trainable-parameter counts. (Integer-id leaderboard predictions, `predict --labels id`: test_inference.py.)"""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_roberta_recipes_train_the_seeds_parameter_counts(recipe, trainable, pef
         return loader.__self__.from_config(config)  # loader: AutoModel(ForSequenceClassification).from_pretrained
 
     monkeypatch.setattr(model_mod, "_from_pretrained", from_config)
-    cfg = Config.from_yaml(f"configs/{recipe}")
+    cfg = Config.from_yaml(Path(__file__).resolve().parents[1] / "configs" / recipe)
     with torch.device("meta"):
         model, info = model_mod.prepare_model(cfg.model.model_copy(update={"model": str(tmp_path)}), 4, AG_NEWS_LABELS)
     assert info.trainable == trainable
