@@ -96,3 +96,31 @@ def test_cli_report_and_compare(run_copy, tiny_run, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("run,")
     assert (out / "compare_accuracy.png").is_file()
     assert CliRunner().invoke(app, ["report", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_report_leaves_matplotlib_global_state_alone(run_copy):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    rc = dict(matplotlib.rcParams)
+    report.write_report(run_copy)
+    assert matplotlib.get_backend() == backend
+    assert dict(matplotlib.rcParams) == rc
+
+
+def test_training_accuracy_is_plotted_beside_validation(run_copy, monkeypatch):
+    rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    for i, row in enumerate(r for r in rows if r["type"] == "train"):
+        row["accuracy"] = 0.5 + 0.01 * i  # as the loop logs it: mean training accuracy over the log interval
+    (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+
+    def spy(view, ax):
+        report.plot_accuracy(view, ax)
+        drawn["labels"] = [line.get_label() for line in ax.get_lines()]
+        drawn["train"] = list(ax.get_lines()[0].get_ydata())
+
+    monkeypatch.setitem(report.PLOTS, "accuracy.png", ("Accuracy", spy))
+    report.write_report(run_copy)
+    assert drawn["labels"][:2] == ["training accuracy (log interval)", "validation accuracy"]
+    assert drawn["train"] == [r["accuracy"] for r in rows if r["type"] == "train"]

@@ -139,6 +139,9 @@ def _train(config_file: Optional[Path] = None, resume: Optional[Path] = None, pr
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
+    from .model import check_quantization
+
+    check_quantization(cfg.model, cfg.train.device)  # before any data loads: --quantize needs bitsandbytes + CUDA
     from .train import train
 
     train(cfg)
@@ -348,13 +351,29 @@ def export_run(
     typer.echo(f"predict/classify/evaluate now use {used} by default (--backend torch|onnx|onnx-int8 to choose)")
 
 
+@app.command("push", help="Upload a run's model, tokenizer, labels, config and model card to the Hugging Face Hub "
+             "in one commit (nothing partial lands).")
+@cli_errors
+def push_run(
+    run: Path = _RUN_ARG,
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub model repo, e.g. user/ag-news-minilm-lora.", show_default=False),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token with write access (default: HF_TOKEN or the "
+                                        "token saved by `hf auth login`)."),
+) -> None:
+    from .push import push
+
+    typer.echo(f"pushed {run} to https://huggingface.co/{repo_id}: {push(run, repo_id, private=private, token=token)}")
+
+
 # --- report (run report and comparisons) ----------------------------------------------------------------
-@app.command("report", help="(Re)write report.md, report.html and plots/ of a run from its run directory alone.")
+@app.command("report", help="(Re)write report.md, report.html, plots/ and the model card model/README.md of a run "
+             "from its run directory alone.")
 @cli_errors
 def _report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
     from .report import write_report
 
-    typer.echo(f"wrote {write_report(run)} and {run / 'report.md'}")
+    typer.echo(f"wrote {write_report(run)}, {run / 'report.md'} and the model card {run / 'model' / 'README.md'}")
 
 
 @app.command("compare", help="One table and overlaid validation curves for several runs (ablations).")

@@ -47,7 +47,8 @@ class DataConfig(_Section):
         "'resplit': pool all rows and make a stratified train/validation/test split.",
     )
     validation_size: float = Field(
-        0.1, gt=0, description="Validation size: a fraction (<1) of train, or a row count (>=1)."
+        0.1, ge=0, description="Validation size: a fraction (<1) of train, or a row count (>=1); 0 trains on the "
+        "whole train split with no validation (the last epoch's weights are kept)."
     )
     test_size: float = Field(0.1, gt=0, description="Test size for split=resplit: a fraction (<1) or a row count.")
     clean_text: bool = Field(
@@ -110,6 +111,10 @@ class ModelConfig(_Section):
         "(--param-budget none, or null in YAML), as method=full needs.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off: it runs code).")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the frozen base through bitsandbytes (QLoRA): 4bit (nf4, double quantization, bf16 "
+        "compute) or 8bit; LoRA only, needs a CUDA GPU and the 'qlora' extra (pip install 'lorafit[qlora]')."
+    )
 
 
 class TrainConfig(_Section):
@@ -149,7 +154,7 @@ class TrainConfig(_Section):
     )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on validation every N optimizer steps (and each epoch end).")
     log_every: int = Field(20, ge=1, description="Log training loss every N optimizer steps.")
-    metric_for_best: Literal["accuracy", "f1_macro", "loss"] = Field(
+    metric_for_best: Literal["accuracy", "f1_macro", "f1_weighted", "loss"] = Field(
         "accuracy", description="Validation metric that picks the best checkpoint and drives early stopping."
     )
     early_stopping_patience: Optional[int] = Field(
@@ -182,6 +187,12 @@ class Config(BaseModel):
     def _check(self) -> "Config":
         if self.data.min_tokens and self.data.max_tokens and self.data.min_tokens > self.data.max_tokens:
             raise ValueError("data.min_tokens is larger than data.max_tokens")
+        if self.model.quantize != "none" and self.model.method != "lora":
+            raise ValueError(f"model.quantize={self.model.quantize} needs method lora (a quantized base cannot train; "
+                             "LoRA trains adapters on top of it)")
+        if self.model.quantize != "none" and self.train.device in ("cpu", "mps"):
+            raise ValueError(f"model.quantize={self.model.quantize} needs a CUDA GPU (bitsandbytes); "
+                             f"train.device is {self.train.device}")
         return self
 
     # --- YAML in, YAML out -------------------------------------------------------------------------

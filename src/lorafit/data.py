@@ -235,6 +235,8 @@ def _rescale(size: float, total: int, rest: int) -> float:
 def _stratified(idx: np.ndarray, labels: np.ndarray, size: float, seed: int, what: str):
     from sklearn.model_selection import train_test_split
 
+    if size == 0:  # --validation-size 0: nothing held out (the loop then keeps the last epoch)
+        return np.sort(idx), idx[:0]
     n = int(size) if size >= 1 else max(1, int(round(size * len(idx))))
     if n >= len(idx):
         raise LorafitError(f"data.{what}={size} leaves no rows for training ({len(idx)} rows in all); make it smaller")
@@ -429,6 +431,9 @@ class Encoded:
 def encode(tokenizer, texts: Sequence[str], max_length: int, labels: Optional[np.ndarray] = None) -> Encoded:
     """Tokenize once, without padding; remember the untruncated lengths."""
     from transformers.utils import logging as hf_logging
+
+    if len(texts) == 0:  # an empty split (--validation-size 0); tokenizers fail on an empty batch
+        return Encoded([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "sequence longer than model max" is expected: we truncate below

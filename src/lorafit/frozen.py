@@ -39,7 +39,9 @@ def _is_frozen(linear: nn.Module) -> bool:
 
 
 def _frozen_linears(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and _is_frozen(m)]
+    # float weights only: a bitsandbytes layer (QLoRA base) holds packed integers that must stay as they are
+    return [m for m in model.modules()
+            if isinstance(m, nn.Linear) and _is_frozen(m) and m.weight.is_floating_point()]
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:

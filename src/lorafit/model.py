@@ -116,9 +116,64 @@ class ModelInfo:
         }
 
 
-def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> nn.Module:
-    """The backbone with a fresh (or, for cls, the architecture's own) classification head, all weights frozen-agnostic."""
+# --- QLoRA: the frozen base in 4 or 8 bit through bitsandbytes (CUDA only) ----------------------------------
+def check_quantization(cfg: ModelConfig, device: str = "auto") -> None:
+    """Refuse --quantize in one line where it cannot run (no bitsandbytes, no CUDA GPU), before anything starts."""
+    if cfg.quantize == "none":
+        return
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install 'lorafit[qlora]')")
+    if device in ("cpu", "mps") or not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible" if device not in ("cpu", "mps") else f"train.device is {device}")
+    if missing:
+        raise LorafitError(f"model.quantize={cfg.quantize} needs bitsandbytes on a CUDA GPU, but "
+                           f"{' and '.join(missing)}; train without it: --quantize none")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """A base loaded through bitsandbytes: its frozen weights are packed integers, not floats to cache or recast."""
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def quantization_config(quantize: str):
+    """The BitsAndBytesConfig of QLoRA: 4-bit NF4 with double quantization and bf16 compute, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(quantize)
+
+
+def _quantized_load_kwargs(quantize: str) -> dict:
+    if quantize == "none":
+        return {}
+    # a quantized model is placed on its GPU while loading (bitsandbytes quantizes on the device)
+    return {"quantization_config": quantization_config(quantize), "device_map": {"": torch.cuda.current_device()}}
+
+
+def _prepare_kbit(model: nn.Module, quantize: str) -> nn.Module:
+    """PEFT's k-bit preparation: freeze the base, upcast the non-quantized weights to fp32, checkpoint activations."""
+    if quantize == "none":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model)
+
+
+def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quantize: str = "none") -> nn.Module:
+    """The backbone with a fresh (or, for cls, the architecture's own) classification head, all weights frozen-agnostic.
+    `quantize` loads the frozen base through bitsandbytes (training only: inference loads it in full precision)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    if quantize != "none":
+        check_quantization(cfg)
+    quantized = _quantized_load_kwargs(quantize)
 
     id2label = {i: n for i, n in enumerate(label_names)}
     hf_config = _from_pretrained(
@@ -128,11 +183,12 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> nn.
     checkpoint_dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
     set_dropouts(hf_config, cfg.encoder_dropout, cfg.attention_dropout, cfg.classifier_dropout)
     if cfg.pooling == "cls":
-        return _from_pretrained(
+        return _prepare_kbit(_from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    encoder = _from_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config, trust_remote_code=cfg.trust_remote_code)
+            trust_remote_code=cfg.trust_remote_code, **quantized,
+        ), quantize)
+    encoder = _prepare_kbit(_from_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config,
+                                             trust_remote_code=cfg.trust_remote_code, **quantized), quantize)
     dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
     return MeanPoolingClassifier(encoder, num_labels, dropout)
 
@@ -235,7 +291,7 @@ def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[l
 
 def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
     """Build the model and mark what trains, per method; check the budget."""
-    base = build_base(cfg, num_labels, label_names)
+    base = build_base(cfg, num_labels, label_names, quantize=cfg.quantize)
     use_fast_dropout(base)
     heads = head_module_names(base)
     targets: list[str] = []
@@ -260,8 +316,10 @@ def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> 
 
 def count_parameters(model: nn.Module, targets: list[str], heads: list[str]) -> ModelInfo:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # PEFT keeps a frozen copy of each head next to the trained one; count the model as it serves, once
-    total = sum(p.numel() for n, p in model.named_parameters() if ".original_module." not in n)
+    # PEFT keeps a frozen copy of each head next to the trained one; count the model as it serves, once.
+    # A 4-bit weight packs two values per element (as PEFT counts them too).
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+                for n, p in model.named_parameters() if ".original_module." not in n)
     return ModelInfo(trainable, total, targets, heads)
 
 

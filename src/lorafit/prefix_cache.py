@@ -82,6 +82,10 @@ class FrozenPrefix:
 
     @classmethod
     def maybe(cls, model: nn.Module, dtype: torch.dtype) -> Optional["FrozenPrefix"]:
+        from .model import is_quantized
+
+        if is_quantized(model):  # a QLoRA base checkpoints activations and computes in its own kernels: no cache
+            return None
         k = first_trained_layer(model)
         return cls(model, k, dtype) if k else None
 

@@ -77,13 +77,20 @@ def confused_pairs(view: RunView, top_pairs: int = 5, examples: int = 3) -> list
 
 
 # --- plots -------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
+def _figure():
+    """A standalone Figure (object-oriented API, no pyplot): it renders with Agg when saved, so the report
+    never selects a backend, touches rcParams or keeps figures alive in a global registry (library code)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    return fig, fig.subplots()
 
-    return plt
+
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def plot_loss(view: RunView, ax) -> None:
@@ -98,9 +105,14 @@ def plot_loss(view: RunView, ax) -> None:
 
 def plot_accuracy(view: RunView, ax) -> None:
     val = view.validation_rows
+    # training accuracy beside validation's, when the loop logged it (train rows carrying `accuracy`)
+    train = [r for r in view.train_rows if r.get("accuracy") is not None]
+    if train:
+        ax.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="training accuracy (log interval)")
     ax.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", label="validation accuracy")
     ax.axhline(view.test["accuracy"], color="grey", linestyle="--", label=f"test accuracy {view.test['accuracy']:.4f}")
-    ax.set(xlabel="optimizer step", ylabel="accuracy", title="Validation accuracy")
+    ax.set(xlabel="optimizer step", ylabel="accuracy",
+           title="Training and validation accuracy" if train else "Validation accuracy")
     ax.legend()
 
 
@@ -162,7 +174,8 @@ def plot_lengths(view: RunView, ax) -> None:
 
 PLOTS: dict[str, tuple[str, Callable]] = {
     "loss.png": ("Training and validation loss", plot_loss),
-    "accuracy.png": ("Validation accuracy (dashed: final test accuracy)", plot_accuracy),
+    "accuracy.png": ("Validation accuracy, and training accuracy when logged (dashed: final test accuracy)",
+                     plot_accuracy),
     "precision_recall_f1.png": ("Validation macro precision, recall and F1", plot_prf),
     "confusion_counts.png": ("Test confusion matrix, counts", lambda v, ax: plot_confusion(v, ax, False)),
     "confusion_normalised.png": ("Test confusion matrix, each row normalised to 1", lambda v, ax: plot_confusion(v, ax, True)),
@@ -173,23 +186,15 @@ PLOTS: dict[str, tuple[str, Callable]] = {
 
 def draw_plots(view: RunView, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw every plot independently; return ([(file, caption)], [warnings])."""
-    plt = _plt()
     drawn, problems = [], []
     for filename, (caption, draw) in PLOTS.items():
-        fig = None
         try:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+            fig, ax = _figure()
             draw(view, ax)
-            fig.tight_layout()
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            atomic_write_bytes(out_dir / filename, buf.getvalue())
+            atomic_write_bytes(out_dir / filename, _png(fig))
             drawn.append((filename, caption))
         except Exception as exc:  # noqa: BLE001 - one broken plot must not cost the others or the run
             problems.append(f"plot {filename} could not be drawn: {type(exc).__name__}: {exc}")
-        finally:
-            if fig is not None:
-                plt.close(fig)
     return drawn, problems
 
 
@@ -339,11 +344,20 @@ def _html(title: str, sections, plots_dir: Path) -> str:
 
 
 def write_report(run_dir: str | Path, require_completed: bool = True) -> Path:
-    """Write plots/, report.md and a self-contained report.html into the run directory; return report.html."""
+    """Write the model card (model/README.md), plots/, report.md and a self-contained report.html into the run
+    directory; return report.html. The card comes first, so a plot that fails never costs it."""
+    from .card import write_model_card
+
     view = RunView(run_dir, require_completed=require_completed)
+    card_problems = []
+    try:
+        write_model_card(view.path, require_completed=require_completed)
+    except Exception as exc:  # noqa: BLE001 - like a plot, a card that cannot be written is a warning
+        card_problems.append(f"model card model/README.md could not be written: {type(exc).__name__}: {exc}")
     plots_dir = view.path / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
     plots, problems = draw_plots(view, plots_dir)
+    problems = card_problems + problems
     for problem in problems:
         warnings.warn(problem, stacklevel=2)
     pairs = confused_pairs(view)
@@ -374,26 +388,20 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     csv.writer(buf).writerows([header, *rows])
     atomic_write_text(out / "compare.csv", buf.getvalue())
 
-    plt = _plt()
     plots, problems = [], []
     for name, key, ylabel in (("compare_accuracy.png", "accuracy", "validation accuracy"),
                               ("compare_loss.png", "loss", "validation loss")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         try:
+            fig, ax = _figure()
             for v in views:
                 val = v.validation_rows
                 ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=v.name)
             ax.set(xlabel="optimizer step", ylabel=ylabel, title=ylabel.capitalize())
             ax.legend(fontsize="small")
-            fig.tight_layout()
-            b = io.BytesIO()
-            fig.savefig(b, format="png")
-            atomic_write_bytes(out / name, b.getvalue())
+            atomic_write_bytes(out / name, _png(fig))
             plots.append((name, ylabel.capitalize() + " of each run"))
         except Exception as exc:  # noqa: BLE001
             problems.append(f"plot {name} could not be drawn: {type(exc).__name__}: {exc}")
-        finally:
-            plt.close(fig)
     sections = [("Runs", [header, *rows]), ("Plots", plots)] + ([("Warnings", "\n".join(problems))] if problems else [])
     title = f"lorafit comparison of {len(views)} runs"
     md = _markdown(title, sections).replace(f"]({PLOTS_DIR}/", "](")
