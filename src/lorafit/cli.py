@@ -83,7 +83,7 @@ def _help(field, default) -> str:
     if choices:
         text += f" [{'|'.join(choices)}]"
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    return f"{text} (default: {shown})"
+    return escape(f"{text} (default: {shown})")  # plain text: Rich markup would eat "[mpnet]" and "[cls|mean]"
 
 
 def parse_flag(name: str, value: Any) -> Any:
