@@ -66,7 +66,7 @@ def run_lorafit(spec: str, seed: int, args) -> dict:
     run = lorafit.train(cfg.with_overrides(overrides, source=spec))
     return {"accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
             "n_test": run.test_metrics["n"], "train_time_s": run.info["train_time_s"],
-            "wall_s": run.info["wall_time_s"], "epochs": run.info["epochs_completed"], "run_dir": str(run.path)}
+            "wall_s": run.info["wall_time_s"], "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
 
 
 def run_peer(seed: int, args) -> dict:
