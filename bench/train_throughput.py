@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -70,8 +71,9 @@ def _precision(record: dict) -> str:
     return record["precision"] + ("+int8" if record.get("frozen_weights") == "int8" else "")
 
 
-def run_peer(name: str, args) -> dict:
-    """The script a user writes today: datasets.map tokenization, DataCollatorWithPadding, Trainer, PEFT."""
+def run_peer(name: str, args, overrides: Optional[dict] = None) -> dict:
+    """The script a user writes today: datasets.map tokenization, DataCollatorWithPadding, Trainer, PEFT.
+    `overrides` (config leaf names: seed, max_eval_samples, ...) change the rows and seed it shares with lorafit."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -83,7 +85,7 @@ def run_peer(name: str, args) -> dict:
     from lorafit.data import load_data
     from lorafit.model import find_target_modules, resolve_model_path
 
-    cfg = Config()
+    cfg = Config().with_overrides(overrides or {})
     if args.max_train_samples:
         cfg = cfg.with_overrides({"max_train_samples": args.max_train_samples})
     bundle = load_data(cfg.data, cfg.train.seed)  # the very rows lorafit trains and tests on

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .config import SECTIONS, Config
 from .errors import LorafitError
@@ -36,7 +37,9 @@ def cli_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except LorafitError as exc:
             code = getattr(exc, "exit_code", 2)
-            err.print(f"[bold red]{'error' if code == 2 else 'stopped'}:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message is text, not Rich markup ("pip install lorafit[mpnet]" must print as is)
+            err.print(f"[bold red]{'error' if code == 2 else 'stopped'}:[/] {escape(str(exc))}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -80,7 +83,7 @@ def _help(field, default) -> str:
     if choices:
         text += f" [{'|'.join(choices)}]"
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    return f"{text} (default: {shown})"
+    return escape(f"{text} (default: {shown})")  # plain text: Rich markup would eat "[mpnet]" and "[cls|mean]"
 
 
 def parse_flag(name: str, value: Any) -> Any:

