@@ -184,6 +184,7 @@ class Batcher:
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self.metrics = metrics
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.waiting = 0  # texts submitted and not yet in a forward (the queue, plus the batch being gathered)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-forward")
         self.recent: collections.deque = collections.deque()  # (time, texts) of recent forwards, for texts/s
         self.task: Optional[asyncio.Task] = None
@@ -204,7 +205,7 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        return self.waiting
 
     def texts_per_second(self, window: float = 10.0) -> float:
         now = time.monotonic()
@@ -213,9 +214,10 @@ class Batcher:
         return sum(n for _, n in self.recent) / window
 
     async def submit(self, texts: list[str]) -> np.ndarray:
-        if self.queue.qsize() + len(texts) > self.max_queue:
+        if self.waiting + len(texts) > self.max_queue:
             raise QueueFull()
         job = _Job(texts, asyncio.get_running_loop())
+        self.waiting += len(texts)
         for i in range(len(texts)):  # no await in between: the whole request is queued or none of it
             self.queue.put_nowait((job, i))
         return await job.future
@@ -240,6 +242,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._take_batch()
+            self.waiting -= len(batch)
             batch = [(job, i) for job, i in batch if not job.future.done()]  # a disconnected client's texts are skipped
             if not batch:
                 continue
@@ -360,8 +363,8 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
                              headers={"WWW-Authenticate": "Bearer"})
         else:
             response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")  # the route, not the raw path: bounded label values
+        # the route, not the raw path: bounded label values (a 401 is answered before routing, hence the set)
+        path = request.url.path if request.url.path in route_paths else "other"
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response
@@ -444,6 +447,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     async def index():
         return HTMLResponse(page)
 
+    route_paths = {route.path for route in app.routes}
     app.state.batcher = batcher
     return app
 
