@@ -55,53 +55,43 @@ def lorafit_serve(run: Path, *args: str, env: dict | None = None, headers: dict 
         proc.wait(timeout=30)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_run):
-    key = {"Authorization": "Bearer k3y"}
-    # a long batching wait keeps the requests in flight (queued) when SIGTERM arrives
+KEY = "k3y"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """One `lorafit serve` process for this module (start-up dominates the time); the SIGTERM test, last, ends it.
+    A long batching wait keeps requests in flight (queued) when SIGTERM arrives; the key comes from the environment."""
     with lorafit_serve(tiny_run, "--backend", "torch", "--max-wait-ms", "2500", "--max-batch-size", "256",
-                       env={"LORAFIT_API_KEY": "k3y"}) as (proc, url):
-        assert httpx.post(f"{url}/v1/classify", json={"texts": ["x"]}).status_code == 401  # key from the environment
-        bodies = [{"texts": [f"{t} ({i})" for t in SAMPLE_TEXTS]} for i in range(6)]
-        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            pending = [pool.submit(httpx.post, f"{url}/v1/classify", json=b, headers=key, timeout=60) for b in bodies]
-            deadline = time.monotonic() + 20
-            while True:  # every text queued, none answered yet
-                metrics = httpx.get(f"{url}/metrics", headers=key).text
-                if float(re.search(r"^lorafit_queue_depth (\S+)$", metrics, re.M).group(1)) == 6 * len(SAMPLE_TEXTS):
-                    break
-                assert time.monotonic() < deadline, metrics
-                time.sleep(0.02)
-            assert not any(f.done() for f in pending)
-            proc.send_signal(signal.SIGTERM)
-            answers = [f.result() for f in pending]
-        assert [a.status_code for a in answers] == [200] * len(bodies)
-        assert all(len(a.json()["results"]) == len(SAMPLE_TEXTS) for a in answers)
-        assert proc.wait(timeout=60) == 0, proc.stdout.read()
-        out = proc.stdout.read()
-        assert "serving" in out and "torch backend" in out and "Traceback" not in out
+                       env={"LORAFIT_API_KEY": KEY}) as (proc, url):
+        yield proc, url
 
 
-def test_page_in_chromium(tiny_run, tmp_path):
+def test_page_in_chromium(server, tiny_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)"
+    _, url = server
     text = SAMPLE_TEXTS[1]
     clf = lorafit.load(tiny_run, backend="torch")
     expected = clf.predict_proba([text])[0]
-    with lorafit_serve(tiny_run, "--backend", "torch") as (_, url), sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             page = browser.new_page(viewport={"width": 900, "height": 720})
-            failed = []
-            page.on("requestfailed", lambda r: failed.append(r.url))
+            outside = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
             page.goto(url + "/")
-            page.wait_for_selector("#summary b")  # the run summary arrived from /v1/model
-            summary = page.inner_text("#summary")
-            assert "test accuracy" in summary and "lora" in summary and "torch" in summary
+            page.wait_for_selector("#key-row", state="visible")  # /v1/model answered 401: the page asks for the key
+            page.fill("#key", KEY)
             page.fill("#text", text)
             page.click("#classify")
-            page.wait_for_selector("#bars .bar-row")
+            page.wait_for_selector("#bars .bar-row", timeout=30_000)
+            page.wait_for_selector("#summary b")  # the run summary, fetched again with the key
+            summary = page.inner_text("#summary")
+            assert "test accuracy" in summary and "lora" in summary and "torch" in summary
             rows = page.query_selector_all("#bars .bar-row")
             assert len(rows) == len(clf.classes_)
             shown = {r.get_attribute("data-label"): float(r.get_attribute("data-probability")) for r in rows}
@@ -111,8 +101,31 @@ def test_page_in_chromium(tiny_run, tmp_path):
             widths = page.eval_on_selector_all("#bars .bar-fill", "els => els.map(e => e.getBoundingClientRect().width)")
             track = page.eval_on_selector("#bars .bar-track", "e => e.getBoundingClientRect().width")
             assert widths == sorted(widths, reverse=True) and widths[0] == pytest.approx(track * expected.max(), abs=2)
-            assert not page.is_visible("#error") and not failed  # nothing outside the server was fetched
+            assert not page.is_visible("#error") and not outside  # no CDN, no external asset: works offline
             page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
         finally:
             browser.close()
     assert (tmp_path / "serve_page.png").stat().st_size > 10_000
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(server):
+    proc, url = server
+    assert httpx.post(f"{url}/v1/classify", json={"texts": ["x"]}).status_code == 401  # key from LORAFIT_API_KEY
+    bodies = [{"texts": [f"{t} ({i})" for t in SAMPLE_TEXTS]} for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        pending = [pool.submit(httpx.post, f"{url}/v1/classify", json=b, headers=AUTH, timeout=60) for b in bodies]
+        deadline = time.monotonic() + 20
+        while True:  # every text queued, none answered yet
+            metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+            if float(re.search(r"^lorafit_queue_depth (\S+)$", metrics, re.M).group(1)) == 6 * len(SAMPLE_TEXTS):
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.02)
+        assert not any(f.done() for f in pending)
+        proc.send_signal(signal.SIGTERM)
+        answers = [f.result() for f in pending]
+    assert [a.status_code for a in answers] == [200] * len(bodies)
+    assert all(len(a.json()["results"]) == len(SAMPLE_TEXTS) for a in answers)
+    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    out = proc.stdout.read()
+    assert "serving" in out and "torch backend" in out and "Traceback" not in out
