@@ -170,7 +170,7 @@ def main() -> None:
           f"bf16 {peaks['bf16']:.1f} (bench/cpu_kernels.py, this run)")
     print(f"run {run_dir} ({pooling} pooling), {len(texts)} texts, {mean_tokens:.1f} tokens and {per_text:.3f} GFLOP "
           f"per text on average")
-    print(f"{'contender':14s} {'texts/s':>9s} {'x peer':>7s} {'x peer-dyn':>11s} {'roofline':>9s} {'accuracy':>9s} "
+    print(f"{'contender':14s} {'texts/s':>9s} {'x peer':>7s} {'x peer-dyn':>11s} {'roofline':>13s} {'accuracy':>9s} "
           f"{'agree fp32':>11s} {'load s':>7s}")
     table = []
     for name, r in rows.items():
@@ -180,7 +180,7 @@ def main() -> None:
         dtype = DTYPE.get(name, "fp32")
         share = per_text * r["texts_per_s"] / peaks[dtype] if peaks[dtype] > 0 else float("nan")
         print(f"{name:14s} {r['texts_per_s']:9.1f} {ratio or float('nan'):7.2f} {ratio_dynamic or float('nan'):11.2f} "
-              f"{100 * share:6.1f}% {dtype:<4s}{100 * r['accuracy']:6.2f}% "
+              f"{f'{100 * share:.1f}% {dtype}':>13s} {100 * r['accuracy']:8.2f}% "
               f"{'' if agree is None else f'{100 * agree:10.2f}%'} {r['load_s']:7.1f}")
         table.append({"contender": name, "texts_per_s": round(r["texts_per_s"], 1), "ratio_to_peer": ratio and round(ratio, 2),
                       "ratio_to_peer_dynamic": ratio_dynamic and round(ratio_dynamic, 2), "dtype": dtype,

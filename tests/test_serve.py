@@ -175,3 +175,15 @@ def test_api_key_guards_everything_but_health(tiny_run, clf):
             assert c.get(path).status_code == 401, path
         for path in ("/healthz", "/readyz", "/"):
             assert c.get(path).status_code == 200, path
+
+
+def test_cli_refuses_a_bad_run_or_backend_before_listening(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a lorafit run directory" in res.output
+    res = runner.invoke(app, ["serve", str(tiny_run), "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "use one of auto, torch, onnx, onnx-int8" in res.output

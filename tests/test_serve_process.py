@@ -63,7 +63,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def server(tiny_run):
     """One `lorafit serve` process for this module (start-up dominates the time); the SIGTERM test, last, ends it.
     A long batching wait keeps requests in flight (queued) when SIGTERM arrives; the key comes from the environment."""
-    with lorafit_serve(tiny_run, "--backend", "torch", "--max-wait-ms", "2500", "--max-batch-size", "256",
+    with lorafit_serve(tiny_run, "--backend", "torch", "--max-wait-ms", "4000", "--max-batch-size", "256",
                        env={"LORAFIT_API_KEY": KEY}) as (proc, url):
         yield proc, url
 
