@@ -193,14 +193,16 @@ def main() -> None:
             servers["peer"] = [sys.executable, __file__, "--peer-server", str(merged), "--port", str(free_port()),
                                "--max-length", str(cfg.data.max_length)]
         rows: dict[str, list[dict]] = {}
+        labels: dict[str, list[str]] = {}
         for name, cmd in servers.items():
             port = int(cmd[cmd.index("--port") + 1])
             with server(cmd, port) as url:
-                backend = ""
-                if name == "lorafit":
-                    import httpx
+                import httpx
 
-                    backend = httpx.get(f"{url}/v1/model").json()["backend"]
+                backend = httpx.get(f"{url}/v1/model").json()["backend"] if name == "lorafit" else ""
+                # the same answers, or the comparison is void: top labels on the first texts, compared below
+                labels[name] = [httpx.post(f"{url}/predict", json={"inputs": t}, timeout=args.timeout).json()[0]["label"]
+                                for t in texts[:32]]
                 rows[name] = []
                 for c in levels:
                     row = asyncio.run(load(url, texts, args.requests, c, args.timeout))
@@ -213,6 +215,10 @@ def main() -> None:
 
     print(f"\nrun {run_dir}: {args.requests} requests of one text per level, {os.cpu_count()} cores "
           f"(lorafit backend {rows['lorafit'][0]['backend']}, max batch {args.max_batch_size}, wait {args.max_wait_ms} ms)")
+    agreement = None
+    if "peer" in labels:
+        agreement = sum(a == b for a, b in zip(labels["lorafit"], labels["peer"])) / len(labels["peer"])
+        print(f"top labels of the peer agree with lorafit's on {100 * agreement:.1f}% of {len(labels['peer'])} texts")
     print(f"{'server':9s} {'clients':>7s} {'texts/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
           f"{'x peer texts/s':>15s} {'p99 / peer':>11s}")
     for name, level_rows in rows.items():
@@ -227,7 +233,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run_dir), "pooling": cfg.model.pooling, "requests": args.requests, "concurrency": levels,
               "cpu_count": os.cpu_count(), "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-              "results": rows, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+              "label_agreement_with_peer": agreement, "results": rows, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
     (OUT / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {OUT / 'serve.json'}")
 
