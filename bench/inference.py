@@ -47,10 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cpu_kernels.py
 DTYPE = {"onnx-int8": "int8", "torch-bf16": "bf16"}  # every other contender computes in fp32
 
 
+def intermediate_size(config) -> int:
+    return getattr(config, "intermediate_size", None) or config.hidden_dim  # DistilBERT names it hidden_dim
+
+
 def gflop_per_text(config, token_counts) -> float:
     """Mean useful GFLOP per text of an encoder: per layer 2*T*(4h^2 + 2*h*i) for the projections and feed-forward,
     4*T^2*h for attention scores and their weighted sum (T tokens, no padding)."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, i, layers = config.hidden_size, intermediate_size(config), config.num_hidden_layers
     t = np.asarray(token_counts, dtype=np.float64)
     return float((layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h)).mean() / 1e9)
 
@@ -160,7 +164,7 @@ def main() -> None:
     enc = encode(ref_clf.tokenizer, texts, ref_clf.max_length)
     mean_tokens = float(np.mean([len(x) for x in enc.input_ids]))
     per_text = gflop_per_text(model_config, [len(x) for x in enc.input_ids])
-    peaks = peak_gflops(model_config.hidden_size, model_config.intermediate_size, rows=16 * max(1, round(mean_tokens)))
+    peaks = peak_gflops(model_config.hidden_size, intermediate_size(model_config), rows=16 * max(1, round(mean_tokens)))
 
     ref = rows.get("torch-fp32", {}).get("pred")
     peer = rows.get("peer", {}).get("texts_per_s")
