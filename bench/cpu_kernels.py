@@ -9,8 +9,6 @@ frozen-weight path of fp32 training, lorafit.frozen), fp32 everywhere.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 import warnings
 
@@ -26,27 +24,38 @@ def gflops(fn, flop: float, repeat: int = 30) -> float:
     return flop * repeat / (time.perf_counter() - t0) / 1e9
 
 
+def cpu_name() -> str:
+    """The CPU's model name (e.g. 'AMD EPYC 7B13'), for benchmark headers."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_summary() -> str:
     """One line naming the CPU and what lorafit can use on it; benchmark headers print it."""
+    import os
+
     from lorafit.frozen import int8_available
     from lorafit.train import cpu_supports_bf16
 
-    try:
-        name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return (f"{name}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
+    return (f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
             f"capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_supports_bf16()}, "
             f"fbgemm int8: {int8_available()}")
 
 
-def main() -> None:
+def kernel_gflops(rows: int = 16 * 56, shapes=((384, 384), (384, 1536), (1536, 384))) -> list[dict]:
+    """GFLOP/s of a frozen linear layer per shape (rows x in -> out) in fp32, bf16 and int8 (nan: not available)."""
     from lorafit.frozen import Int8Weight, int8_available
 
-    print(cpu_summary())
-    rows = 16 * 56  # a batch of 16 AG News texts, ~56 tokens each
-    print(f"{'shape (rows x in -> out)':<28}{'fp32':>10}{'bf16':>10}{'int8':>10}  GFLOP/s")
-    for k, n in [(384, 384), (384, 1536), (1536, 384)]:
+    out = []
+    for k, n in shapes:
         x, linear = torch.randn(rows, k), torch.nn.Linear(k, n).requires_grad_(False)
         flop = 2 * rows * k * n
         fp32 = gflops(lambda: linear(x), flop)
@@ -58,7 +67,22 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 q = Int8Weight(linear, x.abs().amax(0))
             int8 = gflops(lambda: q(x), flop)
-        print(f"{f'{rows} x {k} -> {n}':<28}{fp32:>10.1f}{bf16:>10.1f}{int8:>10.1f}")
+        out.append({"rows": rows, "in": k, "out": n, "fp32": fp32, "bf16": bf16, "int8": int8})
+    return out
+
+
+def peak_gflops(hidden: int = 384, intermediate: int = 1536, rows: int = 16 * 56) -> dict[str, float]:
+    """This CPU's best measured GFLOP/s per dtype at an encoder's linear shapes: the roofline for inference."""
+    table = kernel_gflops(rows, ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)))
+    return {dtype: max(r[dtype] for r in table) for dtype in ("fp32", "bf16", "int8")}
+
+
+def main() -> None:
+    print(cpu_summary())
+    print(f"{'shape (rows x in -> out)':<28}{'fp32':>10}{'bf16':>10}{'int8':>10}  GFLOP/s")
+    for r in kernel_gflops():
+        shape = f"{r['rows']} x {r['in']} -> {r['out']}"
+        print(f"{shape:<28}{r['fp32']:>10.1f}{r['bf16']:>10.1f}{r['int8']:>10.1f}")
 
 
 if __name__ == "__main__":

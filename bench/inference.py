@@ -1,8 +1,13 @@
 """Inference speed and accuracy: lorafit's paths against the way users predict with a PEFT run.
 
 One process, one trained run, the same texts (the run's 1,001 bundled AG News test rows, as cleaned by lorafit)
-for every contender, one after another on the same machine. Prints texts/s, the ratio to the peer, accuracy and
-agreement with the labels of lorafit's fp32 PyTorch model; saves the table to bench/out/inference.json.
+for every contender, one after another on the same machine. Prints texts/s, the ratios to the peer and to the
+dynamic-padding peer, each contender's share of this CPU's roofline, accuracy and agreement with the labels of
+lorafit's fp32 PyTorch model; saves the table to bench/out/inference.json.
+
+Roofline share: useful GFLOP per text (from the model's config and each text's token count: the encoder's linear
+layers and attention, no padding) x texts/s, over this CPU's peak GFLOP/s in the dtype the contender computes in
+(fp32; int8 for onnx-int8; bf16 for torch-bf16), measured by bench/cpu_kernels.py's peak_gflops in the same run.
 
 Contenders
   peer           the run loaded as users do: lorafit's base model + PeftModel.from_pretrained(run/model) (adapter
@@ -38,6 +43,20 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cpu_kernels.py
+DTYPE = {"onnx-int8": "int8", "torch-bf16": "bf16"}  # every other contender computes in fp32
+
+
+def intermediate_size(config) -> int:
+    return getattr(config, "intermediate_size", None) or config.hidden_dim  # DistilBERT names it hidden_dim
+
+
+def gflop_per_text(config, token_counts) -> float:
+    """Mean useful GFLOP per text of an encoder: per layer 2*T*(4h^2 + 2*h*i) for the projections and feed-forward,
+    4*T^2*h for attention scores and their weighted sum (T tokens, no padding)."""
+    h, i, layers = config.hidden_size, intermediate_size(config), config.num_hidden_layers
+    t = np.asarray(token_counts, dtype=np.float64)
+    return float((layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h)).mean() / 1e9)
 
 
 def best_time(fn, repeat: int) -> tuple[float, object]:
@@ -135,23 +154,47 @@ def main() -> None:
                       "accuracy": float((pred == truth).mean()), "pred": pred}
         print(f"  {name:13s} {rows[name]['texts_per_s']:8.1f} texts/s  accuracy {rows[name]['accuracy']:.4f}", flush=True)
 
+    # the roofline: useful compute per text, and this CPU's peak per dtype, measured now (after the contenders, so
+    # the kernel loops do not warm or heat anything for one of them)
+    from cpu_kernels import cpu_name, peak_gflops
+    from lorafit.data import encode
+
+    ref_clf = lorafit.load(run_dir, backend="torch")
+    model_config = ref_clf.model.config
+    enc = encode(ref_clf.tokenizer, texts, ref_clf.max_length)
+    mean_tokens = float(np.mean([len(x) for x in enc.input_ids]))
+    per_text = gflop_per_text(model_config, [len(x) for x in enc.input_ids])
+    peaks = peak_gflops(model_config.hidden_size, intermediate_size(model_config), rows=16 * max(1, round(mean_tokens)))
+
     ref = rows.get("torch-fp32", {}).get("pred")
     peer = rows.get("peer", {}).get("texts_per_s")
-    print(f"\nrun {run_dir} ({pooling} pooling), {len(texts)} texts, {torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} cores (shared: numbers are noisy)")
-    print(f"{'contender':14s} {'texts/s':>9s} {'x peer':>7s} {'accuracy':>9s} {'agree fp32':>11s} {'load s':>7s}")
+    peer_dynamic = rows.get("peer-dynamic", {}).get("texts_per_s")
+    print(f"\n{cpu_name()}: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; peak GFLOP/s fp32 {peaks['fp32']:.1f}, int8 {peaks['int8']:.1f}, "
+          f"bf16 {peaks['bf16']:.1f} (bench/cpu_kernels.py, this run)")
+    print(f"run {run_dir} ({pooling} pooling), {len(texts)} texts, {mean_tokens:.1f} tokens and {per_text:.3f} GFLOP "
+          f"per text on average")
+    print(f"{'contender':14s} {'texts/s':>9s} {'x peer':>7s} {'x peer-dyn':>11s} {'roofline':>13s} {'accuracy':>9s} "
+          f"{'agree fp32':>11s} {'load s':>7s}")
     table = []
     for name, r in rows.items():
         agree = float((r["pred"] == ref).mean()) if ref is not None else None
         ratio = r["texts_per_s"] / peer if peer else None
-        print(f"{name:14s} {r['texts_per_s']:9.1f} {ratio or float('nan'):7.2f} {100 * r['accuracy']:8.2f}% "
+        ratio_dynamic = r["texts_per_s"] / peer_dynamic if peer_dynamic else None
+        dtype = DTYPE.get(name, "fp32")
+        share = per_text * r["texts_per_s"] / peaks[dtype] if peaks[dtype] > 0 else float("nan")
+        print(f"{name:14s} {r['texts_per_s']:9.1f} {ratio or float('nan'):7.2f} {ratio_dynamic or float('nan'):11.2f} "
+              f"{f'{100 * share:.1f}% {dtype}':>13s} {100 * r['accuracy']:8.2f}% "
               f"{'' if agree is None else f'{100 * agree:10.2f}%'} {r['load_s']:7.1f}")
         table.append({"contender": name, "texts_per_s": round(r["texts_per_s"], 1), "ratio_to_peer": ratio and round(ratio, 2),
-                      "accuracy": r["accuracy"], "agreement_with_torch_fp32": agree, "seconds": round(r["seconds"], 3),
-                      "load_s": round(r["load_s"], 2)})
+                      "ratio_to_peer_dynamic": ratio_dynamic and round(ratio_dynamic, 2), "dtype": dtype,
+                      "roofline_share": round(share, 4), "accuracy": r["accuracy"], "agreement_with_torch_fp32": agree,
+                      "seconds": round(r["seconds"], 3), "load_s": round(r["load_s"], 2)})
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run_dir), "pooling": pooling, "n_texts": len(texts), "peer_batch_size": args.batch_size,
-              "repeat": args.repeat, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "repeat": args.repeat, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "mean_tokens": round(mean_tokens, 1), "gflop_per_text": round(per_text, 4),
+              "peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
               "export_s": round(export_s, 1), "export_check": export.get("check"), "table": table,
               "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
     (OUT / "inference.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -369,6 +369,56 @@ def push_run(
     typer.echo(f"pushed {run} to https://huggingface.co/{repo_id}: {push(run, repo_id, private=private, token=token)}")
 
 
+# --- serve (HTTP) -----------------------------------------------------------------------------------------
+def _serve_help(name: str) -> str:
+    from .serve import ServeOptions
+
+    return ServeOptions.model_fields[name].description
+
+
+@app.command("serve", help="Serve the run over HTTP with dynamic batching: POST /v1/classify, POST /predict, "
+             "GET /v1/model, /healthz, /readyz, /metrics, a page at / and OpenAPI at /docs (docs/serving.md).")
+@cli_errors
+def serve_run(
+    run: Path = _RUN_ARG,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default; 0.0.0.0 for all)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    backend: str = typer.Option("auto", "--backend", help=_serve_help("backend")),
+    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help=_serve_help("max_wait_ms")),
+    max_queue: int = typer.Option(1024, "--max-queue", min=1, help=_serve_help("max_queue")),
+    max_texts: int = typer.Option(256, "--max-texts", min=1, help=_serve_help("max_texts")),
+    max_chars: int = typer.Option(20_000, "--max-chars", min=1, help=_serve_help("max_chars")),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAFIT_API_KEY", show_default=False,
+                                          help=_serve_help("api_key") + " Also read from LORAFIT_API_KEY."),
+) -> None:
+    import copy
+    import signal
+
+    import uvicorn
+
+    from .serve import ServeOptions, check_host, create_app
+
+    opts = ServeOptions(backend=backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                        max_texts=max_texts, max_chars=max_chars, api_key=api_key or None)
+    application = create_app(run, opts)  # reads the run and resolves the backend: bad input fails before listening
+    warning = check_host(host, opts.api_key)
+    if warning:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    from .predict import resolve_backend
+
+    kind, _ = resolve_backend(run, backend)
+    why = " (auto: the fastest the run has)" if backend == "auto" else ""
+    err.print(f"serving {run} with the {kind} backend{why} at http://{host}:{port} (page at /, API at /docs)",
+              highlight=False, soft_wrap=True)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["lorafit.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, whose default action would end the
+    # process with -15; a drained shutdown is a success, so that re-raise does nothing and serve exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(application, host=host, port=port, log_config=log_config, timeout_graceful_shutdown=30)
+
+
 # --- report (run report and comparisons) ----------------------------------------------------------------
 @app.command("report", help="(Re)write report.md, report.html, plots/ and the model card model/README.md of a run "
              "from its run directory alone.")
