@@ -15,8 +15,8 @@ from lorafit.evaluate import batched_apply
 from lorafit.model import load_tokenizer, prepare_model
 from lorafit.prefix_cache import FrozenPrefix, build_prefix_cache, estimate_bytes, first_trained_layer, hidden_size
 
-# stated tolerances of 16-bit storage against fp32 storage, on logits of the tiny models (|logits| ~ 0.1-1)
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# stated tolerances of 16-bit storage against fp32 storage on the tiny model's logits (10x the measured differences)
+TOLERANCE = {torch.float16: 5e-4, torch.bfloat16: 5e-3}  # measured: 5e-5 and 6e-4
 
 
 def _setup(tiny_model_dir, tmp_path, family="bert", **overrides):
