@@ -22,8 +22,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def wire_cache_entry_point() -> None:
     """Until the training loop calls prefix_cache.build_prefix_cache itself (issue 10), route it there so
     that train.cache_dtype takes effect; a no-op once the loop has no `_frozen_prefix`."""
-    import lorafit.train as train
+    import sys
+
     from lorafit.prefix_cache import build_prefix_cache
+
+    train = sys.modules["lorafit.train"]  # the module: `lorafit.train` the attribute is the function
 
     if hasattr(train, "_frozen_prefix"):
         train._frozen_prefix = lambda *args: build_prefix_cache(*args)[:2]
