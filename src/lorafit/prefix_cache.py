@@ -198,10 +198,10 @@ def hidden_size(model: nn.Module) -> int:
 def estimate_bytes(encoded: dict[str, Encoded], hidden: int, dtype: torch.dtype) -> int:
     """Exactly what FrozenPrefix stores: every text's real tokens (no padding) x hidden x bytes per value."""
     tokens = sum(len(ids) for enc in encoded.values() for ids in enc.input_ids)
-    return tokens * hidden * torch.empty((), dtype=dtype).element_size()
+    return tokens * hidden * dtype.itemsize
 
 
-def storage_dtype(cache_dtype: str, mixed_precision: str) -> torch.dtype:
+def choose_storage_dtype(cache_dtype: str, mixed_precision: str) -> torch.dtype:
     """'auto': the step's own 16-bit type under bf16/fp16 autocast (the top layers compute in it anyway);
     fp16 under fp32 training: 11 significant bits, within noise of fp32 on validation metrics
     (docs/scaling.md), half the memory; values beyond fp16's range widen that split to fp32."""
@@ -235,7 +235,7 @@ def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_i
     k = first_trained_layer(unwrapped)
     if not k:
         return None, {}, {"enabled": False, "reason": "no frozen lower layers (the lowest block trains)"}
-    dtype = storage_dtype(t.cache_dtype, accelerator.mixed_precision)
+    dtype = choose_storage_dtype(t.cache_dtype, accelerator.mixed_precision)
     hidden = hidden_size(unwrapped)
     estimate = estimate_bytes(encoded, hidden, dtype)
     cap = cache_cap_bytes(t.cache_max_gb)
