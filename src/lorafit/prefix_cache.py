@@ -202,12 +202,12 @@ def estimate_bytes(encoded: dict[str, Encoded], hidden: int, dtype: torch.dtype)
 
 
 def choose_storage_dtype(cache_dtype: str, mixed_precision: str) -> torch.dtype:
-    """'auto': the step's own 16-bit type under bf16/fp16 autocast (the top layers compute in it anyway);
-    fp16 under fp32 training: 11 significant bits, within noise of fp32 on validation metrics
-    (docs/scaling.md), half the memory; values beyond fp16's range widen that split to fp32."""
+    """'auto': the step's own 16-bit type under bf16/fp16 autocast (the top layers compute in it anyway); fp32
+    under fp32 training, where 16-bit states would change what the top layers see: fp16 (`cache_dtype: fp16`,
+    half the memory) stays opt-in until bench/cache_precision.py shows on MiniLM that it moves no metric."""
     if cache_dtype != "auto":
         return _DTYPES[cache_dtype]
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
 def cache_cap_bytes(cache_max_gb) -> Optional[float]:
