@@ -6,7 +6,7 @@ the noise of the run itself (seed 42 vs 43, both fp32). Accuracy and loss do not
 these numbers are valid on a busy machine (the timings are not printed).
 
     python bench/cache_precision.py                                   # embedded MiniLM, 2,000 rows, 1 epoch
-    python bench/cache_precision.py --model tests-tiny-model-dir --max-train-samples 480 --epochs 2
+    python bench/cache_precision.py --model DIR --lora-layers 1 --max-train-samples 480 --epochs 2   # a tiny model
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=1000)
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--seeds", default="42,43")
+    parser.add_argument("--lora-layers", default=None, help="e.g. 1 for a 2-layer test model (default: the config's).")
     args = parser.parse_args()
 
     import lorafit
 
     wire_cache_entry_point()
+    layers = {"lora_layers": [int(x) for x in args.lora_layers.split(",")]} if args.lora_layers else {}
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -51,7 +53,7 @@ def main() -> None:
                 run = lorafit.train(model=args.model, max_train_samples=args.max_train_samples,
                                     max_eval_samples=args.max_eval_samples, epochs=args.epochs, precision="fp32",
                                     cache_dtype=dtype, seed=seed, output_dir=out, run_name=f"{dtype}-{seed}",
-                                    checkpoint_every=None, param_budget=None)
+                                    checkpoint_every=None, param_budget=None, **layers)
                 rows.append((seed, dtype, run.info["best_validation_accuracy"], run.test_metrics["accuracy"],
                              run.test_metrics["loss"]))
                 print(rows[-1], flush=True)

@@ -154,7 +154,8 @@ def table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| train rows | epochs | time/epoch (s) | samples/s | peak RSS (GB) | prefix cache (GB) |",
              "|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        cache = "off" if not r.get("cache_enabled") else f"{r.get('cache_gb')} {r.get('cache_dtype') or ''}".strip()
+        cache = ("off" if not r.get("cache_enabled") else "on (size not in run.json)" if r.get("cache_gb") is None
+                 else f"{r['cache_gb']} {r.get('cache_dtype') or ''}".strip())
         lines.append(f"| {r['train_rows']:,} | {r['epochs']} | {r['time_per_epoch_s']:.1f} | {r['samples_per_s']:.1f} | "
                      f"{r['peak_rss_gb']:.2f} | {cache} |")
     return "\n".join(lines)
