@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,11 @@ def measure(args, train_file: Path, test_file: Path, run_name: str, batch_size: 
     row = {"run": run_name, "processes": nproc, "exit_code": code, "wall_s": round(wall, 1), "peak_rss_gb": round(rss, 3)}
     info_path = args.out / "runs" / run_name / "run.json"
     if code != 0 or not info_path.is_file():
-        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
-        row["error"] = f"exit code {code}: {tail[0][:300]} (log: {log})"
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        # a worker's exception line ("[rank1]: RuntimeError: ...") says more than the launcher's closing banner
+        errors = [line for line in lines if re.search(r"\w+(Error|Exception): ", line) and "ChildFailedError" not in line]
+        why = errors[-1] if errors else (lines[-1] if lines else "")
+        row["error"] = f"exit code {code}: {why[:300] or '(no output)'} (log: {log})"
         return row
     info = json.loads(info_path.read_text())
     cache = info.get("prefix_cache") or {}  # recorded by the loop through prefix_cache.build_prefix_cache
