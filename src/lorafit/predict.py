@@ -131,8 +131,9 @@ def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: 
 
     backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
     precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
-    allow_different_base: rebuild a LoRA, head-only or mean-pooled run on its backbone even when that backbone
-    is no longer the one recorded in run.json (`backbone`); by default that is refused.
+    allow_different_base: rebuild a LoRA or head-only run (torch backend) on its backbone even when that backbone
+    is no longer the one recorded in run.json (`backbone`); by default that is refused. Full fine-tuning runs
+    and ONNX exports hold every weight themselves and are not checked.
     """
     # the grad mode is the caller's: whatever loading does to it is undone on return
     with torch.set_grad_enabled(torch.is_grad_enabled()):
