@@ -106,7 +106,7 @@ def test_cap_turns_the_cache_off_with_one_line(tiny_model_dir, tmp_path):
     console = _console()
     prefix, elapsed, decision = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, _accelerator(), console)
     assert prefix is None and elapsed == {}
-    expected = estimate_bytes(encoded, 32, torch.float32)
+    expected = estimate_bytes(encoded, 32, torch.float16)
     assert decision["enabled"] is False and decision["estimate_gb"] == round(expected / 1e9, 4)
     lines = console.file.getvalue().strip().splitlines()
     assert len(lines) == 1 and "cache off" in lines[0] and "cache_max_gb" in lines[0], lines
@@ -119,7 +119,7 @@ def test_build_prefix_cache_decides_and_records(tiny_model_dir, tmp_path):
     assert set(elapsed) == {"train", "test"} and decision["enabled"] and decision["storage_dtype"] == "bf16"
     assert decision["size_gb"] == decision["estimate_gb"] and decision["cap_gb"] > 0 and decision["from_layer"] == 1
     _, _, fp32_training = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, _accelerator("no"), _console())
-    assert fp32_training["storage_dtype"] == "fp32"  # 16-bit only on request in fp32 training
+    assert fp32_training["storage_dtype"] == "fp16"
     off = cfg.with_overrides({"cache_frozen_prefix": False})
     assert build_prefix_cache(off, model, encoded, tok.pad_token_id, _accelerator(), _console())[0] is None
     explicit = cfg.with_overrides({"cache_dtype": "fp32", "cache_max_gb": None})

@@ -153,8 +153,8 @@ class TrainConfig(_Section):
         "processes); 'none': no cap."
     )
     cache_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Storage type of the cached states. 'auto': the training precision's (bf16, fp16 or "
-        "fp32); fp16 halves fp32's memory (a split whose states exceed fp16's range is kept in fp32)."
+        "auto", description="Storage type of the cached states. 'auto': bf16 under bf16 training, else fp16 (half "
+        "fp32's memory; a split whose states exceed fp16's range is kept in fp32)."
     )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on validation every N optimizer steps (and each epoch end).")
     log_every: int = Field(20, ge=1, description="Log training loss every N optimizer steps.")
