@@ -164,10 +164,15 @@ _BACKEND_HELP = ("auto: the run's ONNX export if present (int8 when it was expor
 _RUN_ARG = typer.Argument(..., help="A completed run directory.", show_default=False)
 
 
-def _load_run(run: Path, backend: str, batch_size: int, precision: str):
+_ALLOW_BASE = typer.Option(False, "--allow-different-base", help="Load even if the run's backbone changed since "
+                           "training (run.json `backbone`); otherwise that is refused.")
+
+
+def _load_run(run: Path, backend: str, batch_size: int, precision: str, allow_different_base: bool = False):
     from .predict import load
 
-    return load(run, backend=backend, batch_size=batch_size, precision=precision)
+    return load(run, backend=backend, batch_size=batch_size, precision=precision,
+                allow_different_base=allow_different_base)
 
 
 def _input_columns(clf, path: Path, text_column: Optional[str]) -> list[str]:
@@ -190,12 +195,13 @@ def classify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON: [{text, label, probabilities{class: p}}]."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
+    allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     import json
 
     from rich.console import Console
 
-    clf = _load_run(run, backend, 64, precision)
+    clf = _load_run(run, backend, 64, precision, allow_different_base)
     probs = clf.predict_proba(texts)
     names = [str(n) for n in clf.classes_]
     rows = [{"text": t, "label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
@@ -226,6 +232,7 @@ def predict_file(
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+    allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     import io
     import time
@@ -237,7 +244,7 @@ def predict_file(
 
     if label_format not in ("name", "id"):
         raise LorafitError(f"--labels {label_format}: use name or id")
-    clf = _load_run(run, backend, batch_size, precision)
+    clf = _load_run(run, backend, batch_size, precision, allow_different_base)
     df = read_inputs(input, allow_pickle=allow_pickle)
     texts = input_texts(df, _input_columns(clf, input, text_column), str(input))
     ids = row_ids(df, id_column, str(input))
@@ -270,6 +277,7 @@ def evaluate_file(
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+    allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     import json
 
@@ -282,7 +290,7 @@ def evaluate_file(
     from .fileio import atomic_write_json
     from .predict import input_texts, read_inputs
 
-    clf = _load_run(run, backend, batch_size, precision)
+    clf = _load_run(run, backend, batch_size, precision, allow_different_base)
     df = read_inputs(data, allow_pickle=allow_pickle)
     texts = input_texts(df, _input_columns(clf, data, text_column), str(data))
     data_cfg = Config.from_yaml(clf.run_dir / "config.yaml").data
@@ -312,10 +320,11 @@ def merge_run(
     run: Path = _RUN_ARG,
     out: Path = typer.Option(..., "--out", help="Directory to write.", show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     from .export import merge
 
-    result = merge(run, out, overwrite=overwrite)
+    result = merge(run, out, overwrite=overwrite, allow_different_base=allow_different_base)
     if result["pooling"] == "cls":
         typer.echo(f"wrote {out}: a plain Transformers model; load it with "
                    f"AutoModelForSequenceClassification.from_pretrained('{out}') (tokenizer included)")
@@ -333,12 +342,13 @@ def export_run(
     format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (faster on CPU)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     from .export import export_onnx
 
     if format != "onnx":
         raise LorafitError(f"--format {format}: only onnx is supported")
-    report = export_onnx(run, int8=int8, opset=opset)
+    report = export_onnx(run, int8=int8, opset=opset, allow_different_base=allow_different_base)
     files = ", ".join(f"{run / 'export' / f}" for f in report["files"].values())
     typer.echo(f"wrote {files}")
     check = report.get("check")

@@ -152,6 +152,15 @@ class TrainConfig(_Section):
         True, description="When only the top layers train, compute the frozen lower layers once per text and reuse "
         "them every epoch (no dropout inside the frozen layers)."
     )
+    cache_max_gb: Union[Literal["auto"], float, None] = Field(
+        "auto", description="Largest frozen-prefix cache in GB (10^9 bytes), estimated before it is built; above it "
+        "training runs without the cache. 'auto': half the memory available at start (split between a machine's "
+        "processes); 'none': no cap."
+    )
+    cache_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Storage type of the cached states. 'auto': bf16 under bf16 training, else fp16 (half "
+        "fp32's memory; a split whose states exceed fp16's range is kept in fp32)."
+    )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on validation every N optimizer steps (and each epoch end).")
     log_every: int = Field(20, ge=1, description="Log training loss every N optimizer steps.")
     metric_for_best: Literal["accuracy", "f1_macro", "f1_weighted", "loss"] = Field(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -11,33 +12,44 @@ import torch.nn.functional as F
 from .data import Collator, Encoded, EncodedDataset, sorted_batches
 
 
+def batched_apply(enc: Encoded, batch_size: int, pad_token_id: int, run: Callable[[dict], Any]) -> Optional[np.ndarray]:
+    """The one batching loop of inference, evaluation and the prefix cache: batches sorted by length (longest
+    first: minimal padding, memory peaks early), padded by the training Collator, then `run(batch)` on each.
+    `batch` holds input_ids, attention_mask and index (each row's position in `enc`). When `run` returns
+    per-row outputs (batch dimension first), they come back as one array in input order; when it stores its
+    results itself (the prefix cache, by `index`), it returns None and so does this."""
+    collate, dataset = Collator(pad_token_id), EncodedDataset(enc)
+    out = None
+    for batch_idx in sorted_batches([len(x) for x in enc.input_ids], batch_size):
+        result = run(collate([dataset[i] for i in batch_idx]))
+        if result is None:
+            continue
+        result = result.detach().float().cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+        if out is None:
+            out = np.empty((len(enc), *result.shape[1:]), dtype=np.float32)
+        out[np.asarray(batch_idx)] = result  # back to input order
+    return out
+
+
 @torch.inference_mode()
 def predict_logits(model, enc: Encoded, batch_size: int, pad_token_id: int, device, autocast=None,
                    forward=None) -> np.ndarray:
-    """Logits in input order. Batches are sorted by length so padding is minimal, then un-sorted.
+    """Logits in input order (see batched_apply).
     `forward(batch) -> logits` replaces the plain model call (the frozen-prefix cache uses it)."""
     was_training = model.training
     model.eval()
-    collate = Collator(pad_token_id)
-    dataset = EncodedDataset(enc)
-    chunks, order = [], []
-    for batch_idx in sorted_batches([len(x) for x in enc.input_ids], batch_size):
-        batch = collate([dataset[i] for i in batch_idx])
-        ctx = autocast() if autocast is not None else torch.autocast(device_type="cpu", enabled=False)
-        with ctx:
+
+    def run(batch: dict) -> torch.Tensor:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             if forward is not None:
-                logits = forward(batch)
-            else:
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-        chunks.append(logits.float().cpu().numpy())
-        order += batch_idx
-    out = np.zeros((0, 0), dtype=np.float32)
-    if chunks:
-        out = np.empty((len(enc), chunks[0].shape[1]), dtype=np.float32)
-        out[np.asarray(order)] = np.concatenate(chunks)
-    model.train(was_training)
-    return out
+                return forward(batch)
+            return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+    try:
+        out = batched_apply(enc, batch_size, pad_token_id, run)
+    finally:
+        model.train(was_training)
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -52,7 +52,8 @@ def _write_dir_atomically(out: Path, overwrite: bool, fill) -> None:
         fill(tmp)
 
 
-def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False,
+          allow_different_base: bool = False) -> dict[str, Any]:
     """Write the run's model with LoRA merged into the base weights, loadable without lorafit.
 
     cls pooling: a plain AutoModelForSequenceClassification directory (with the tokenizer).
@@ -63,7 +64,7 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict
     from .model import MeanPoolingClassifier
 
     run_dir, cfg, _ = read_run(run_dir)
-    clf = load(run_dir, backend="torch")
+    clf = load(run_dir, backend="torch", allow_different_base=allow_different_base)
     model = clf.model
     mean = isinstance(model, MeanPoolingClassifier)
 
@@ -114,13 +115,14 @@ def _check_texts(run_dir: Path, limit: Optional[int]) -> tuple[list[str], Option
     return df["text"].tolist(), df["label"].astype(str).to_numpy()
 
 
-def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_rows: Optional[int] = None) -> dict[str, Any]:
+def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_rows: Optional[int] = None,
+                allow_different_base: bool = False) -> dict[str, Any]:
     """Export the merged classifier to RUN/export/model.onnx (dynamic batch and sequence axes) and, with
     int8, a dynamically quantised RUN/export/model.int8.onnx; compare both with the PyTorch model."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     run_dir, cfg, _ = read_run(run_dir)
-    clf = load(run_dir, backend="torch")
+    clf = load(run_dir, backend="torch", allow_different_base=allow_different_base)
     export = run_dir / EXPORT_DIR
     export.mkdir(exist_ok=True)
     wrapped = _LogitsOnly(clf.model).eval()  # eval first: the exporter restores the wrapper's mode afterwards
@@ -130,7 +132,8 @@ def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_
     files = {"onnx": export / ONNX_FILES["onnx"]}
     tmp = export / f".{ONNX_FILES['onnx']}.tmp"
     try:
-        with warnings.catch_warnings():
+        # the exporter may leave grad mode changed: set_grad_enabled as a context restores the caller's on exit
+        with warnings.catch_warnings(), torch.set_grad_enabled(torch.is_grad_enabled()):
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes are expected
             torch.onnx.export(
                 wrapped, (sample["input_ids"], sample["attention_mask"]), str(tmp), dynamo=False,
@@ -155,7 +158,6 @@ def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_
     finally:
         for leftover in export.glob(".*.tmp"):
             leftover.unlink()
-    torch.set_grad_enabled(True)
 
     report: dict[str, Any] = {
         "format": "onnx", "opset": opset, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

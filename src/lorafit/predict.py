@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import clean_text, encode, read_table, sorted_batches
+from .data import clean_text, encode, read_table
 from .errors import LorafitError
-from .evaluate import predict_logits, softmax
+from .evaluate import batched_apply, predict_logits, softmax
 from .rundir import read_labels, read_run
 
 EXPORT_DIR = "export"
@@ -52,18 +52,11 @@ class OnnxBackend:
         self.path, self.name = Path(path), name
 
     def logits(self, enc, batch_size: int, pad_id: int) -> np.ndarray:
-        out = None
-        for idx in sorted_batches([len(x) for x in enc.input_ids], batch_size):  # longest first: little padding
-            longest = max(len(enc.input_ids[i]) for i in idx)
-            input_ids = np.full((len(idx), longest), pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), longest), dtype=np.int64)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(enc.input_ids[i])] = enc.input_ids[i]
-                mask[row, : len(enc.input_ids[i])] = 1
-            logits = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
-            if out is None:
-                out = np.empty((len(enc), logits.shape[1]), dtype=np.float32)
-            out[np.asarray(idx)] = logits
+        def run(batch: dict) -> np.ndarray:
+            feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+            return self.session.run(["logits"], feeds)[0]
+
+        out = batched_apply(enc, batch_size, pad_id, run)
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -132,15 +125,26 @@ def resolve_backend(run_dir: Path, backend: str) -> tuple[str, Optional[Path]]:
 
 
 def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: bool = True,
-         backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32") -> Classifier:
+         backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32",
+         allow_different_base: bool = False) -> Classifier:
     """Load a completed run's classifier (weights are read as safetensors or ONNX; nothing is unpickled).
 
     backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
     precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
+    allow_different_base: rebuild a LoRA or head-only run (torch backend) on its backbone even when that backbone
+    is no longer the one recorded in run.json (`backbone`); by default that is refused. Full fine-tuning runs
+    and ONNX exports hold every weight themselves and are not checked.
     """
-    from .model import load_trained, load_tokenizer
+    # the grad mode is the caller's: whatever loading does to it is undone on return
+    with torch.set_grad_enabled(torch.is_grad_enabled()):
+        return _load(Path(run_dir), device, batch_size, merge, backend, precision, allow_different_base)
 
-    run_dir, cfg, _ = read_run(run_dir)
+
+def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str, precision: str,
+          allow_different_base: bool) -> Classifier:
+    from .model import check_backbone, load_trained, load_tokenizer
+
+    run_dir, cfg, info = read_run(run_dir)
     label_names = read_labels(run_dir)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     kind, onnx_path = resolve_backend(run_dir, backend)
@@ -149,8 +153,9 @@ def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: 
                           device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind))
     if precision not in ("fp32", "bf16"):
         raise LorafitError(f"precision '{precision}': use fp32 or bf16")
+    if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
+        check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
     model = load_trained(cfg.model, label_names, run_dir / "model", merge=merge).to(device)
-    torch.set_grad_enabled(True)  # loading must not leave global autograd state changed
     autocast = None
     if precision == "bf16":
         device_type = torch.device(device).type
