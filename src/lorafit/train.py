@@ -213,9 +213,11 @@ class LoopState:
     real_tokens: int = 0
     padded_tokens: int = 0
     train_time: float = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
-    loss_sum: float = 0.0  # the logging window: summed batch losses, batches, correct predictions, rows
+    # the logging window: batches and rows here; the loss and correct-prediction sums live in
+    # TrainingRecipe._window (a device tensor: no sync per step) and are copied here by save_checkpoint
+    loss_sum: float = 0.0
     loss_count: int = 0
-    correct: int = 0
+    correct: float = 0.0
     seen: int = 0
     stop_reason: str = "completed"
 
@@ -223,7 +225,7 @@ class LoopState:
     def from_checkpoint(cls, saved: dict[str, Any], main: bool) -> "LoopState":
         state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
         if not main:  # the window sums are global and live on the main process (see above)
-            state.loss_sum, state.loss_count, state.correct, state.seen = 0.0, 0, 0, 0
+            state.loss_sum, state.loss_count, state.correct, state.seen = 0.0, 0, 0.0, 0
         return state
 
 
@@ -324,8 +326,10 @@ class TrainingRecipe:
         order = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size * acc.num_processes, t.seed,
                                      t.group_by_length)
         self.sampler = ProcessBatches(order, acc.process_index, acc.num_processes)
+        # the loader gets its own generator so creating an iterator never draws from the global RNG (exact resume)
         self.loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=self.sampler,
-                                                  collate_fn=Collator(self.pad_id, t.pad_to_multiple_of))
+                                                  collate_fn=Collator(self.pad_id, t.pad_to_multiple_of),
+                                                  generator=torch.Generator().manual_seed(t.seed))
         self.steps_per_epoch = math.ceil(len(self.sampler) / t.grad_accum_steps)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
@@ -351,6 +355,9 @@ class TrainingRecipe:
             saved, self.best_state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
                                                      self.scaler, process_index=acc.process_index)
             self.state = LoopState.from_checkpoint(saved, self.main)
+            if self.state.loss_count:
+                self._window = torch.tensor([self.state.loss_sum, self.state.correct], dtype=torch.float64,
+                                            device=acc.device)
             if self.main:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         if self.main:
@@ -576,7 +583,9 @@ class TrainingRecipe:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        window = torch.stack([loss.detach().float(), (logits.argmax(-1) == batch["labels"]).sum().float()])
+        # summed in float64 in the order of the steps, continued from a checkpoint's sums: a resumed run logs the
+        # uninterrupted run's numbers exactly
+        window = torch.stack([loss.detach(), (logits.argmax(-1) == batch["labels"]).sum()]).double()
         self._window = window if self._window is None else self._window + window
         st.loss_count += 1
         st.seen += len(batch["labels"])
@@ -586,19 +595,16 @@ class TrainingRecipe:
 
     def _window_totals(self) -> tuple[float, int, float, int]:
         """The logging window's (loss sum, batches, correct, rows) over every process."""
-        st = self.state
-        acc = self.accelerator
-        here = torch.tensor([st.loss_sum, st.loss_count, st.correct, st.seen], dtype=torch.float64)
+        st, acc = self.state, self.accelerator
+        here = torch.tensor([0.0, st.loss_count, 0.0, st.seen], dtype=torch.float64)
         if self._window is not None:
-            here[0] += float(self._window[0])
-            here[2] += float(self._window[1])
+            here[0], here[2] = self._window.cpu()
         total = acc.reduce(here.to(acc.device), "sum").cpu() if acc.num_processes > 1 else here
         return float(total[0]), int(total[1]), float(total[2]), int(total[3])
 
     def _reset_window(self) -> None:
-        st = self.state
         self._window = None
-        st.loss_sum, st.loss_count, st.correct, st.seen = 0.0, 0, 0, 0
+        self.state.loss_count = self.state.seen = 0
 
     def _log_training(self) -> None:
         st, acc = self.state, self.accelerator
@@ -683,7 +689,7 @@ class TrainingRecipe:
         if not self.main:
             return None
         saved = asdict(self.state)
-        saved.update(loss_sum=loss_sum, loss_count=batches, correct=int(correct), seen=rows)
+        saved.update(loss_sum=loss_sum, loss_count=batches, correct=correct, seen=rows)
         return save_checkpoint(self.run_dir, self.state.step, self.unwrapped, self.optimizer, self.scheduler,
                                self.scaler, saved, self.best_state, self.cfg.train.keep_checkpoints, rngs=rngs)
 
