@@ -100,9 +100,10 @@ def make_accelerator(cfg: Config):
     precision = resolve_precision(cfg.train.precision, device)
     if device == "cpu":
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-    # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every rank;
-    # broadcasting them each forward is wasted work, and with the frozen-prefix cache the modules that own them
-    # are swapped out during the forward
+    # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every process.
+    # With the frozen-prefix cache the embeddings that own them are swapped out during the forward, and DDP's
+    # per-forward buffer broadcast then fails on an empty list (`!tensors.empty() INTERNAL ASSERT FAILED`).
+    # (torch 2.13 deprecates the name for forward_sync_buffers, which Accelerate's kwargs do not offer yet.)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no",
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     return accelerator, precision
