@@ -149,6 +149,9 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
     dropped = {}
     for name in ("train", "validation", "test"):
         split = getattr(bundle, name)
+        if len(split.texts) == 0:  # --validation-size 0: no validation split
+            encoded[name] = Encoded([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            continue
         enc = encode(tokenizer, split.texts, cfg.data.max_length, split.labels)
         bundle.summary.setdefault("token_lengths", {})[name] = length_stats(enc.full_lengths, cfg.data.max_length)
         if name != "test":  # the test set is what it is: filtering it would flatter the score
@@ -723,7 +726,8 @@ class TrainingRecipe:
                 atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
                 _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
             self.record.update(status="completed", finished_at=_now(), **info)
-            _report_if_available(self.run_dir, self.console)
+            if evaluate_test:  # the report is built around the test results
+                _report_if_available(self.run_dir, self.console)
             self._print_result(info, test_metrics)
         acc.wait_for_everyone()  # when train() returns on any process, the run directory is complete
         return Run(self.run_dir, self.cfg, test_metrics, info)
