@@ -87,26 +87,58 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"  # MPS autocast covers few ops; fp32 is the safe default there
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator (device, process group, DDP) and lorafit's resolved precision.
+def make_accelerator(cfg: Config, run_dir: Optional[Path] = None):
+    """The Accelerator (device, process group, DDP, trackers) and lorafit's resolved precision.
 
     Accelerate holds its mixed precision in one process-wide state that a second Accelerator may not change
     (a notebook or a sweep training twice with other precisions), and resetting it needs private API. So the
     Accelerator always runs with mixed_precision="no" and lorafit applies the precision itself through
     torch.autocast and, for fp16, torch.amp.GradScaler (TrainingRecipe.autocast)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
 
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if device == "cpu":
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    trackers = trackers_of(cfg)
     # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every process.
     # With the frozen-prefix cache the embeddings that own them are swapped out during the forward, and DDP's
     # per-forward buffer broadcast then fails on an empty list (`!tensors.empty() INTERNAL ASSERT FAILED`).
     # (torch 2.13 deprecates the name for forward_sync_buffers, which Accelerate's kwargs do not offer yet.)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no",
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = Accelerator(
+        cpu=device == "cpu", mixed_precision="no",
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+        if run_dir is not None else None,
+    )
     return accelerator, precision
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def trackers_of(cfg: Config) -> list[str]:
+    """train.report_to without 'none'; a tracker whose package is missing is one clear line, before training."""
+    import importlib.util
+
+    chosen = [t for t in cfg.train.report_to if t != "none"]
+    for tracker in chosen:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise LorafitError(f"train.report_to: {tracker} is not installed; pip install {tracker} (or "
+                               f"'lorafit[tracking]'), or drop it from --report-to")
+    return chosen
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as section.name -> scalar, as trackers' hyperparameter tables take it."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for name, value in values.items():
+            out[f"{section}.{name}"] = (",".join(map(str, value)) if isinstance(value, list)
+                                        else "none" if value is None else value)
+    return out
 
 
 def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
@@ -171,7 +203,8 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
 # --- the recipe ----------------------------------------------------------------------------------------
 # Options that may change when resuming: they do not alter the data, the model or the optimizer.
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "time_budget_minutes", "eval_every", "log_every", "checkpoint_every",
-                       "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size"}
+                       "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size",
+                       "report_to"}
 
 
 def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, callbacks: Sequence[Any] = (),
@@ -306,25 +339,40 @@ class TrainingRecipe:
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> None:
+        from accelerate import PartialState
+
         threads = torch.get_num_threads()
         self._cleanup.callback(torch.set_num_threads, threads)  # make_accelerator sets the CPU threads
-        self.accelerator, self.precision = make_accelerator(self.cfg)
-        self.main = self.accelerator.is_main_process
+        device = resolve_device(self.cfg.train.device)
+        self.precision = resolve_precision(self.cfg.train.precision, device)
+        trackers_of(self.cfg)  # a missing tracker package fails here, before any work
+        self.process = PartialState(cpu=device == "cpu")  # the process group; the Accelerator follows the run dir
+        self.main = self.process.is_main_process
         self.console = self.console or _console(self.main)
         self._resume_from = resume_from
         with self._failures_recorded():
             self._setup(run_dir, resume_from)
 
     def _setup(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> None:
-        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        cfg, t = self.cfg, self.cfg.train
         from accelerate.utils import set_seed
 
+        if self.process.device.type == "cpu":  # before tokenising and building the model, as make_accelerator would
+            torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
         set_seed(t.seed)
         self.bundle, self.tokenizer, self.encoded = self._data()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         set_seed(t.seed)  # the head's initialisation does not depend on how much data loading drew
         model, self.model_info = prepare_model(cfg.model, len(self.bundle.label_names), self.bundle.label_names)
         self.run_dir = self._open_run_dir(run_dir, resume_from)
+        self.accelerator, _ = make_accelerator(cfg, self.run_dir)
+        acc = self.accelerator
+        if self.accelerator.log_with:
+            init = {"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}, "mlflow": {"run_name": self.run_dir.name}}
+            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                init["wandb"]["mode"] = "offline"  # no account configured: log to <run>/wandb, sync later
+            self.accelerator.init_trackers("lorafit", config=flat_config(cfg), init_kwargs=init)
+            self._cleanup.callback(self.accelerator.end_training)
 
         train_enc = self.encoded["train"]
         order = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size * acc.num_processes, t.seed,
@@ -400,7 +448,7 @@ class TrainingRecipe:
                 run_dir = new_run_dir(self.cfg) if resume_from is None else run_dir
             except LorafitError as exc:
                 problem = str(exc)
-        if self.accelerator.num_processes > 1:  # every process must leave here together, even on an error
+        if self.process.num_processes > 1:  # every process must leave here together, even on an error
             run_dir, problem = broadcast_object_list([str(run_dir) if run_dir else None, problem])
         if problem:
             raise LorafitError(problem)
@@ -417,12 +465,12 @@ class TrainingRecipe:
                 k: getattr(self.bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
             self.tokenizer.save_pretrained(run_dir / "tokenizer")
             self.record.update(precision=self.precision, frozen_weights=self._frozen_mode() or "fp32",
-                               device=str(self.accelerator.device), num_processes=self.accelerator.num_processes,
+                               device=str(self.process.device), num_processes=self.process.num_processes,
                                model=self.model_info.as_dict(), data_sizes=self.bundle.summary["sizes"])
         return run_dir
 
     def _frozen_mode(self) -> Optional[str]:
-        return frozen_mode(self.cfg, self.precision, self.accelerator.device.type)
+        return frozen_mode(self.cfg, self.precision, self.process.device.type)
 
     def _frozen_prefix(self) -> None:
         """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
@@ -623,9 +671,15 @@ class TrainingRecipe:
         if self.main:
             self.log.write(type="train", step=st.step, epoch=self._epoch_position(), loss=mean_loss,
                            accuracy=round(accuracy, 6), lr=lr, samples_per_s=round(sps, 2))
+        self._track("train", {"loss": mean_loss, "accuracy": accuracy, "lr": lr, "samples_per_s": sps})
         self.progress.update(self._task, completed=st.step,
                              info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
         self._reset_window()
+
+    def _track(self, split: str, values: dict[str, float]) -> None:
+        """Send a metrics row to the trackers of train.report_to (Accelerate logs from the main process only)."""
+        if self.accelerator.log_with:
+            self.accelerator.log({f"{split}/{k}": v for k, v in values.items()}, step=self.state.step)
 
     def _agree(self, flags: dict[str, bool]) -> dict[str, bool]:
         """A stop decision holds for every process if it holds for one: no process may stop while another
@@ -674,6 +728,8 @@ class TrainingRecipe:
             self.progress.console.print(
                 f"step {st.step} epoch {self._epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
                 f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}")
+        self._track("validation", scalar_metrics(m))
+        if self.main:
             for callback in self.callbacks:
                 if hasattr(callback, "on_evaluate"):
                     callback.on_evaluate(self, "validation", st.step, m)
@@ -716,6 +772,7 @@ class TrainingRecipe:
                 self.log.write(type="eval", split="test", step=st.step,
                                epoch=round(st.step / self.steps_per_epoch, 4), **scalar_metrics(test_metrics),
                                per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
+            self._track("test", scalar_metrics(test_metrics))
         if self.log is not None:
             self.log.close()
         self._cleanup.close()  # the model's plain forward back before it is saved
