@@ -126,3 +126,20 @@ def test_without_a_validation_split_the_last_weights_are_kept(tiny_model_dir, tm
     assert info["status"] == "completed" and info["weights"] == "last (no validation split)"
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r.get("split") == "validation"] and rows[-1]["split"] == "test"
+
+
+def test_the_progress_bar_keeps_epochs_and_steps_whole_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from lorafit.train import _progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=False)
+    with _progress(console, main=True) as progress:
+        task = progress.add_task("train", total=10240, completed=1024, epoch="2/40",
+                                 info="loss 0.3412  lr 9.87e-04  1234.5 samples/s and more words to overflow")
+        progress.refresh()
+    text = out.getvalue()
+    assert "epoch 2/40" in text and "1024/10240" in text and len(text.strip().splitlines()) == 1

@@ -385,18 +385,19 @@ class TrainingRecipe:
         self.steps_per_epoch = math.ceil(len(self.sampler) / t.grad_accum_steps)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
-        # the fused kernel updates all parameters in one pass instead of a dozen ops per parameter tensor
-        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.learning_rate, weight_decay=t.weight_decay,
-                                           fused=acc.device.type in ("cpu", "cuda"))
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler("constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
-                                       self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
         # only the model goes through prepare (device, DDP): the loader is ProcessBatches', and the optimizer and
         # scheduler step once per optimizer step here, where Accelerate's wrappers assume a sharded epoch
         self.model = acc.prepare(model)
         self.unwrapped = acc.unwrap_model(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # the fused kernel updates all parameters in one pass instead of a dozen ops per parameter tensor; groups
+        # from the unwrapped model, whose parameter names DDP does not prefix
+        self.optimizer = torch.optim.AdamW(_param_groups(self.unwrapped, cfg), lr=t.learning_rate,
+                                           weight_decay=t.weight_decay, fused=acc.device.type in ("cpu", "cuda"))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler("constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+                                       self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
         self.scaler = torch.amp.GradScaler(acc.device.type) if self.precision == "fp16" else None
         self._frozen_prefix()
         self.speed_paths = self._apply_speed_paths()
@@ -991,17 +992,22 @@ def _console(main: bool):
 
 
 def _progress(console, main: bool):
-    """The training bar. Epoch and step counts never fold (no_wrap); the free-text info column is the one
-    that gives way in a narrow terminal."""
+    """The training bar. Epoch and step counts never fold (no_wrap); the free-text info column is the one that
+    gives way in a narrow terminal, cut to one line with an ellipsis."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Column
+
+    class OneLine(TextColumn):  # a collapsible column whose text is cut, not wrapped onto more lines
+        def render(self, task):
+            text = super().render(task)
+            text.no_wrap, text.overflow = True, "ellipsis"
+            return text
 
     fixed = lambda: Column(no_wrap=True)  # noqa: E731
     return Progress(
         TextColumn("[bold]train[/] epoch {task.fields[epoch]}", table_column=fixed()),
         BarColumn(bar_width=20), MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
-        TimeRemainingColumn(table_column=fixed()),
-        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        TimeRemainingColumn(table_column=fixed()), OneLine("{task.fields[info]}", table_column=Column(ratio=1)),
         console=console, disable=not main, transient=False,
     )
 
