@@ -29,6 +29,8 @@ from torch import nn
 HELD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# The int8 path relies on torch's deprecated quantized-tensor ops (torch.ops.quantized.linear_prepack /
+# linear_dynamic): pyproject bounds torch above.
 def int8_available() -> bool:
     """fbgemm's int8 kernels: x86 CPUs (the deprecated quantized-tensor ops that carry them must still exist)."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
@@ -174,6 +176,8 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
+# Relies on PEFT's LoraLayer internals (lora_A/lora_B/scaling/lora_variant/lora_dropout/merged/
+# disable_adapters/active_adapters), not a public API: pyproject bounds peft above; train.fused_lora turns it off.
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear forward as one node, where it is plain LoRA on a frozen Linear in fp32 CPU training;
     anything else (evaluation, merged or several adapters, DoRA, dropout, autocast) takes PEFT's own forward."""
