@@ -19,19 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def wire_cache_entry_point() -> None:
-    """Until the training loop calls prefix_cache.build_prefix_cache itself (issue 10), route it there so
-    that train.cache_dtype takes effect; a no-op once the loop has no `_frozen_prefix`."""
-    import sys
-
-    from lorafit.prefix_cache import build_prefix_cache
-
-    train = sys.modules["lorafit.train"]  # the module: `lorafit.train` the attribute is the function
-
-    if hasattr(train, "_frozen_prefix"):
-        train._frozen_prefix = lambda *args: build_prefix_cache(*args)[:2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:all-MiniLM-L6-v2")
@@ -44,7 +31,6 @@ def main() -> None:
 
     import lorafit
 
-    wire_cache_entry_point()
     layers = {"lora_layers": [int(x) for x in args.lora_layers.split(",")]} if args.lora_layers else {}
     rows = []
     with tempfile.TemporaryDirectory() as out:

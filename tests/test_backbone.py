@@ -14,7 +14,7 @@ from lorafit.errors import LorafitError
 
 @pytest.fixture(scope="module")
 def pinned_run(tiny_model_dir, tmp_path_factory):
-    """A tiny LoRA run on its own copy of the backbone, with `backbone` in run.json as the training loop records it."""
+    """A tiny LoRA run on its own copy of the backbone; the training loop records `backbone` and `prefix_cache`."""
     import lorafit
     from lorafit.model import backbone_identity
 
@@ -23,8 +23,9 @@ def pinned_run(tiny_model_dir, tmp_path_factory):
     run = lorafit.train(tiny_config(base, base.parent / "runs", max_train_samples=64, max_eval_samples=32, epochs=1,
                                     lora_layers=[1]))
     info = json.loads((run.path / "run.json").read_text())
-    info["backbone"] = backbone_identity(str(base))  # what the training loop records, once wired
-    (run.path / "run.json").write_text(json.dumps(info))
+    assert info["backbone"] == backbone_identity(str(base))
+    assert info["prefix_cache"]["enabled"] and info["prefix_cache"]["from_layer"] == 1
+    assert info["prefix_cache"]["size_gb"] == info["prefix_cache"]["estimate_gb"]
     return base, run.path
 
 

@@ -3,7 +3,6 @@ evaluation and inference: the size estimate is the stored bytes, the cap turns t
 16-bit storage keeps the logits within a stated tolerance."""
 
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,12 +31,6 @@ def _setup(tiny_model_dir, tmp_path, family="bert", **overrides):
     encoded = {"train": encode(tok, texts, 48, np.arange(len(texts)) % 4),
                "test": encode(tok, SAMPLE_TEXTS, 48, np.arange(4))}
     return cfg, model, tok, encoded
-
-
-def _accelerator(mixed_precision="no"):
-    # the parts of an Accelerator that build_prefix_cache reads; a real one would reset global state
-    return SimpleNamespace(unwrap_model=lambda m: m, mixed_precision=mixed_precision, device=torch.device("cpu"),
-                           autocast=None)
 
 
 def _console():
@@ -104,7 +97,7 @@ def test_fp16_store_widens_to_fp32_on_overflow(tiny_model_dir, tmp_path):
 def test_cap_turns_the_cache_off_with_one_line(tiny_model_dir, tmp_path):
     cfg, model, tok, encoded = _setup(tiny_model_dir, tmp_path, cache_max_gb=1e-7)  # 100 bytes
     console = _console()
-    prefix, elapsed, decision = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, _accelerator(), console)
+    prefix, elapsed, decision = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, "fp32", "cpu", None, console)
     assert prefix is None and elapsed == {}
     expected = estimate_bytes(encoded, 32, torch.float16)
     assert decision["enabled"] is False and decision["estimate_gb"] == round(expected / 1e9, 4)
@@ -114,16 +107,16 @@ def test_cap_turns_the_cache_off_with_one_line(tiny_model_dir, tmp_path):
 
 def test_build_prefix_cache_decides_and_records(tiny_model_dir, tmp_path):
     cfg, model, tok, encoded = _setup(tiny_model_dir, tmp_path)  # cache_max_gb 'auto'
-    prefix, elapsed, decision = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, _accelerator("bf16"),
+    prefix, elapsed, decision = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, "bf16", "cpu", None,
                                                    _console())
     assert set(elapsed) == {"train", "test"} and decision["enabled"] and decision["storage_dtype"] == "bf16"
     assert decision["size_gb"] == decision["estimate_gb"] and decision["cap_gb"] > 0 and decision["from_layer"] == 1
-    _, _, fp32_training = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, _accelerator("no"), _console())
+    _, _, fp32_training = build_prefix_cache(cfg, model, encoded, tok.pad_token_id, "fp32", "cpu", None, _console())
     assert fp32_training["storage_dtype"] == "fp16"
     off = cfg.with_overrides({"cache_frozen_prefix": False})
-    assert build_prefix_cache(off, model, encoded, tok.pad_token_id, _accelerator(), _console())[0] is None
+    assert build_prefix_cache(off, model, encoded, tok.pad_token_id, "fp32", "cpu", None, _console())[0] is None
     explicit = cfg.with_overrides({"cache_dtype": "fp32", "cache_max_gb": None})
-    prefix, _, decision = build_prefix_cache(explicit, model, encoded, tok.pad_token_id, _accelerator(), _console())
+    prefix, _, decision = build_prefix_cache(explicit, model, encoded, tok.pad_token_id, "fp32", "cpu", None, _console())
     assert decision["storage_dtype"] == "fp32" and decision["cap_gb"] is None
     # the cache serves the batches the training loader makes (index = row of the split)
     batch = Collator(tok.pad_token_id)([EncodedDataset(encoded["test"])[i] for i in (2, 0)])

@@ -11,6 +11,7 @@ own code. Difference from the plain path: no dropout inside the frozen lower lay
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -205,13 +206,13 @@ def estimate_bytes(encoded: dict[str, Encoded], hidden: int, dtype: torch.dtype)
     return tokens * hidden * dtype.itemsize
 
 
-def choose_storage_dtype(cache_dtype: str, mixed_precision: str) -> torch.dtype:
+def choose_storage_dtype(cache_dtype: str, precision: str) -> torch.dtype:
     """'auto': bf16 under bf16 autocast (the top layers compute in it anyway), else fp16: 11 significant bits,
     half fp32's memory, and on MiniLM in fp32 training a change of at most 0.0001 in validation/test metrics
     against 0.05 from the seed alone (docs/scaling.md); states beyond fp16's range keep their split in fp32."""
     if cache_dtype != "auto":
         return _DTYPES[cache_dtype]
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def cache_cap_bytes(cache_max_gb) -> Optional[float]:
@@ -226,21 +227,27 @@ def cache_cap_bytes(cache_max_gb) -> Optional[float]:
     return float(cache_max_gb) * GB
 
 
-def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_id: int, accelerator,
-                       console) -> tuple[Optional[FrozenPrefix], dict[str, float], dict]:
+def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_id: int, precision: str, device,
+                       autocast, console, reuse: Optional[dict] = None) -> tuple[Optional[FrozenPrefix], dict[str, float], dict]:
     """The training loop's one entry point: decide whether to cache the frozen prefix (train.cache_frozen_prefix,
     a frozen lower part, the size estimate under train.cache_max_gb), build it for every split, and say so.
+    `model` is the unwrapped model, `precision` lorafit's resolved one (fp32, bf16, fp16), `autocast` a context
+    factory or None. `reuse`: a dict kept across runs (a search) where states of the same texts, backbone,
+    frozen layers and storage dtype are taken from instead of computed again.
 
     Returns (the cache or None, seconds spent per split, the decision for run.json's `prefix_cache`)."""
+    from .model import is_quantized
+
     t = cfg.train
     if not t.cache_frozen_prefix:
         return None, {}, {"enabled": False, "reason": "train.cache_frozen_prefix is off"}
-    unwrapped = accelerator.unwrap_model(model)
-    k = first_trained_layer(unwrapped)
+    if is_quantized(model):  # a QLoRA base checkpoints activations and computes in its own kernels: no cache
+        return None, {}, {"enabled": False, "reason": "quantized base (model.quantize)"}
+    k = first_trained_layer(model)
     if not k:
         return None, {}, {"enabled": False, "reason": "no frozen lower layers (the lowest block trains)"}
-    dtype = choose_storage_dtype(t.cache_dtype, accelerator.mixed_precision)
-    hidden = hidden_size(unwrapped)
+    dtype = choose_storage_dtype(t.cache_dtype, precision)
+    hidden = hidden_size(model)
     estimate = estimate_bytes(encoded, hidden, dtype)
     cap = cache_cap_bytes(t.cache_max_gb)
     decision = {"from_layer": k, "storage": "ram", "storage_dtype": _DTYPE_NAMES[dtype],
@@ -251,12 +258,21 @@ def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_i
                       f"({cap / GB:.2f} GB{', half the available memory' if t.cache_max_gb == 'auto' else ''}); "
                       "every step runs all layers (raise --cache-max-gb, or none for no cap)")
         return None, {}, {"enabled": False, "reason": "estimate above train.cache_max_gb", **decision}
-    prefix = FrozenPrefix(unwrapped, k, dtype)
+    prefix = FrozenPrefix(model, k, dtype)
+    key = ("prefix", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, t.seed, k, str(dtype),
+                                 precision], sort_keys=True))
+    if reuse is not None and key in reuse:
+        prefix.flat, prefix.offsets = reuse[key]
+        decision.update(enabled=True, reused=True, storage_dtype=prefix.storage_dtype(),
+                        size_gb=round(prefix.nbytes / GB, 4))
+        return prefix, {split: 0.0 for split in encoded}, decision  # nothing computed in this run
     elapsed = {}
     for split, enc in encoded.items():
         t0 = time.time()
-        prefix.compute(split, enc, t.eval_batch_size, pad_id, accelerator.device, accelerator.autocast)
+        prefix.compute(split, enc, t.eval_batch_size, pad_id, device, autocast)
         elapsed[split] = time.time() - t0
+    if reuse is not None:
+        reuse[key] = prefix.flat, prefix.offsets
     decision.update(enabled=True, storage_dtype=prefix.storage_dtype(), size_gb=round(prefix.nbytes / GB, 4))
     console.print(f"cached the frozen embeddings + layers 0..{k - 1} for {sum(map(len, encoded.values()))} texts "
                   f"({prefix.nbytes / GB:.2f} GB {decision['storage_dtype']}) in {sum(elapsed.values()):.1f}s; "

@@ -30,7 +30,10 @@ from .errors import Interrupted, LorafitError
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .fileio import atomic_write_json, atomic_write_text
 from .frozen import calibrate_int8, frozen_linears, int8_available
-from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
+from .model import (
+    backbone_identity, check_backbone, check_quantization, is_head_parameter, load_tokenizer, load_trainable_state_dict,
+    prepare_model, save_weights, trainable_state_dict,
+)
 from .rundir import MetricsLog, RunRecord, new_run_dir
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,7 +146,10 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 
 def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
     """How the frozen Linear weights compute in training steps (see frozen.py): in the autocast dtype, in int8
-    for fp32 training on an x86 CPU (train.int8_frozen_weights), or as they are."""
+    for fp32 training on an x86 CPU (train.int8_frozen_weights), or as they are (also for a quantized base,
+    whose weights bitsandbytes computes in its own kernels)."""
+    if cfg.model.quantize != "none":
+        return None
     if precision in ("bf16", "fp16"):
         return precision
     if precision == "fp32" and device == "cpu" and cfg.train.int8_frozen_weights and int8_available():
@@ -346,6 +352,7 @@ class TrainingRecipe:
         device = resolve_device(self.cfg.train.device)
         self.precision = resolve_precision(self.cfg.train.precision, device)
         trackers_of(self.cfg)  # a missing tracker package fails here, before any work
+        check_quantization(self.cfg.model, self.cfg.train.device)  # likewise --quantize without bitsandbytes/CUDA
         self.process = PartialState(cpu=device == "cpu")  # the process group; the Accelerator follows the run dir
         self.main = self.process.is_main_process
         self.console = self.console or _console(self.main)
@@ -415,7 +422,7 @@ class TrainingRecipe:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         if self.main:
             self.log = MetricsLog(self.run_dir / "metrics.jsonl")
-            self.record.update(speed_paths=self.speed_paths)
+            self.record.update(speed_paths=self.speed_paths, prefix_cache=self.prefix_decision)
         # the budget covers what train_time_s counts: the steps and the training rows' prefix computation
         self.deadline = (time.time() + t.time_budget_minutes * 60 - self.state.train_time
                          - self.prefix_time.get("train", 0.0) if t.time_budget_minutes else None)
@@ -458,6 +465,8 @@ class TrainingRecipe:
             _check_same_splits(run_dir, self.bundle)
         if self.main:
             self.record = RunRecord.start(run_dir) if resume_from is None else RunRecord.reopen(run_dir)
+            if resume_from is not None:  # a resumed run continues on the backbone it started on
+                check_backbone(self.record.data.get("backbone"), self.cfg.model.model, run_dir)
         if self.main and resume_from is None:
             self.cfg.to_yaml(run_dir / "config.yaml")
             atomic_write_json(run_dir / "labels.json", self.bundle.label_names)
@@ -467,39 +476,20 @@ class TrainingRecipe:
             self.tokenizer.save_pretrained(run_dir / "tokenizer")
             self.record.update(precision=self.precision, frozen_weights=self._frozen_mode() or "fp32",
                                device=str(self.process.device), num_processes=self.process.num_processes,
-                               model=self.model_info.as_dict(), data_sizes=self.bundle.summary["sizes"])
+                               model=self.model_info.as_dict(), data_sizes=self.bundle.summary["sizes"],
+                               backbone=backbone_identity(self.cfg.model.model))
         return run_dir
 
     def _frozen_mode(self) -> Optional[str]:
         return frozen_mode(self.cfg, self.precision, self.process.device.type)
 
     def _frozen_prefix(self) -> None:
-        """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
-        from .prefix_cache import FrozenPrefix
+        """Cache the frozen lower layers' output for every split when only top layers train (prefix_cache)."""
+        from .prefix_cache import build_prefix_cache
 
-        if not self.cfg.train.cache_frozen_prefix:
-            return
-        dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
-        self.prefix = FrozenPrefix.maybe(self.unwrapped, dtype)
-        if self.prefix is None:
-            return
-        cfg = self.cfg
-        key = ("prefix", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, cfg.train.seed, self.prefix.k,
-                                     str(dtype), cfg.model.trust_remote_code], sort_keys=True))
-        if self.reuse is not None and key in self.reuse:
-            self.prefix.store = self.reuse[key]
-            self.prefix_time = {split: 0.0 for split in self.encoded}  # nothing computed in this run
-            return
-        for split, enc in self.encoded.items():
-            t0 = time.time()
-            self.prefix.compute(split, enc, cfg.train.eval_batch_size, self.pad_id, self.accelerator.device,
-                                self.autocast)
-            self.prefix_time[split] = time.time() - t0
-        if self.reuse is not None:
-            self.reuse[key] = self.prefix.store
-        self.console.print(f"cached the frozen embeddings + layers 0..{self.prefix.k - 1} for "
-                           f"{sum(map(len, self.encoded.values()))} texts in {sum(self.prefix_time.values()):.1f}s; "
-                           f"each step now runs layers {self.prefix.k}+ only")
+        self.prefix, self.prefix_time, self.prefix_decision = build_prefix_cache(
+            self.cfg, self.unwrapped, self.encoded, self.pad_id, self.precision, self.accelerator.device,
+            self.autocast, self.console, reuse=self.reuse)
 
     def _apply_speed_paths(self) -> dict[str, Any]:
         """Every change to the model's forward pass, applied here and undone by finish(); returns what is on
@@ -941,7 +931,7 @@ def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "norm" in name.lower()
-        is_head = "modules_to_save" in name or name.split(".")[0] in ("classifier", "pre_classifier", "score")
+        is_head = is_head_parameter(model, name)
         groups.setdefault((no_decay, is_head), []).append(p)
     return [
         {"params": ps, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
