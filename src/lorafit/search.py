@@ -185,6 +185,18 @@ def _redact(url: str) -> str:
         return url
 
 
+@contextlib.contextmanager
+def _no_experimental_warnings():
+    """Heartbeats and metric names are stable in use but flagged experimental by Optuna; not the user's concern."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def open_storage(url: str, heartbeat_seconds: int):
     """Optuna's RDBStorage with a heartbeat: a trial whose worker died (SIGKILL, lost machine) is marked failed."""
     import optuna
@@ -196,8 +208,9 @@ def open_storage(url: str, heartbeat_seconds: int):
     else:
         kwargs["pool_pre_ping"] = True
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
-                                          grace_period=2 * heartbeat_seconds)
+        with _no_experimental_warnings():
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
+                                              grace_period=2 * heartbeat_seconds)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend; all mean "cannot open"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LorafitError(f"--storage {_redact(url)}: cannot open the study storage ({type(exc).__name__}: {first}); "
@@ -244,7 +257,8 @@ def open_study(cfg: Config, study_dir: Path):
     if stored is None:
         study.set_user_attr(SPACE_ATTR, wanted)
         study.set_user_attr("metric", cfg.train.metric_for_best)
-        study.set_metric_names([f"validation_{cfg.train.metric_for_best}"])
+        with _no_experimental_warnings():
+            study.set_metric_names([f"validation_{cfg.train.metric_for_best}"])
     elif stored != wanted:
         old = {k: ParamSpec(**v) for k, v in json.loads(stored).items()}
         raise LorafitError(f"study '{s.study_name}' in {_redact(url)} exists with another search space "
@@ -378,7 +392,8 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
     quiet = _Console(quiet=True)  # one live display at a time: trials train silently under the study's bar
     objective = Objective(cfg, study_dir, counter, recipe_factory, quiet)
 
-    optuna.storages.fail_stale_trials(study)  # trials of a killed worker, before counting what is left
+    with _no_experimental_warnings():
+        optuna.storages.fail_stale_trials(study)  # trials of a killed worker, before counting what is left
     remaining = s.n_trials - len(_finished(study))
     console.print(f"[bold]lorafit search[/] study '{s.study_name}' ({_redact(url)}): {len(_finished(study))} of "
                   f"{s.n_trials} trials done; metric validation {cfg.train.metric_for_best}; space: "
