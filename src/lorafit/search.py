@@ -17,8 +17,9 @@ import contextlib
 import copy
 import io
 import json
-import math
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ def search_config(config: Union[Config, dict, str, Path, None] = None, **overrid
     from .train import _as_config
 
     cfg = _as_config(config)
-    search_over = {k: overrides.pop(k) for k in list(overrides) if k in SEARCH_FIELDS}
+    search_over = {k: overrides.pop(k) for k in list(overrides) if k in SEARCH_FIELDS or k == "space"}
     if overrides:
         cfg = cfg.with_overrides(overrides)
     section = (cfg.search or SearchConfig()).model_dump()
@@ -348,6 +349,7 @@ class Objective:
         recipe = self.recipe_factory(cfg, console=self.console, callbacks=(reporter,), reuse=self.reuse)
         run_dir = Path(cfg.output.output_dir) / cfg.output.run_name
         trial.set_user_attr(RUN_DIR_ATTR, str(run_dir.relative_to(self.study_dir)))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who trained it, across machines
         try:
             recipe.setup()
             while recipe.train_epoch():
