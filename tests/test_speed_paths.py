@@ -36,8 +36,13 @@ def test_default_keeps_hidden_dropout_and_drops_attention_dropout(tiny_model_dir
     model, _ = prepare_model(cfg.model, 4, list("abcd"))
     hf = model.base_model.model.encoder.config
     assert hf.attention_probs_dropout_prob == 0.0 and hf.hidden_dropout_prob == 0.1
-    assert all(type(m) is not nn.Dropout for m in model.modules())  # every nn.Dropout became FastDropout
     assert set(_dropouts(model)) == {0.1, 0.0}  # 0.0: the LoRA path (lora_dropout 0)
+    from lorafit.train import fast_dropout
+
+    with fast_dropout(model):  # the recipe's speed path (train.fast_dropout): every nn.Dropout is FastDropout ...
+        assert all(type(m) is not nn.Dropout for m in model.modules())
+        assert set(_dropouts(model)) == {0.1, 0.0}
+    assert not any(isinstance(m, FastDropout) for m in model.modules())  # ... and only within the block
 
 
 def test_fast_dropout_drops_at_rate_p_and_scales_survivors():
@@ -144,9 +149,10 @@ def test_frozen_mode_follows_precision_and_the_int8_switch(tiny_model_dir, tmp_p
     cfg = tiny_config(tiny_model_dir("bert"), tmp_path)
     assert frozen_mode(cfg, "bf16", "cpu") == "bf16"
     assert frozen_mode(cfg, "fp16", "cuda") == "fp16"
-    assert frozen_mode(cfg, "fp32", "cpu") == ("int8" if int8_available() else None)
-    assert frozen_mode(cfg, "fp32", "cuda") is None  # fbgemm kernels are CPU kernels
-    assert frozen_mode(cfg.with_overrides({"int8_frozen_weights": False}), "fp32", "cpu") is None
+    assert frozen_mode(cfg, "fp32", "cpu") is None  # int8 frozen weights are an option, off by default
+    on = cfg.with_overrides({"int8_frozen_weights": True})
+    assert frozen_mode(on, "fp32", "cpu") == ("int8" if int8_available() else None)
+    assert frozen_mode(on, "fp32", "cuda") is None  # fbgemm kernels are CPU kernels
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

@@ -8,7 +8,7 @@ this saves only what training changes, as safetensors + JSON, and loads without 
         trainable.safetensors   parameters that train (LoRA + head, or everything for full fine-tuning)
         best.safetensors        the best-so-far trainable parameters (restored at the end of training)
         optimizer.safetensors   AdamW moments and step counts; optimizer.json holds the param groups
-        rng.safetensors         torch CPU (and CUDA) generator states
+        rng.safetensors         torch CPU (and CUDA) generator states, one set per process (rank<i>.*)
         state.json              step, epoch, batches done in the epoch, best metric, counters, scheduler,
                                 scaler, Python and NumPy RNG states
 """
@@ -45,7 +45,7 @@ def _flat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -71,8 +71,10 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> N
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scaler, loop_state: dict[str, Any],
-                    best_state: Optional[dict[str, torch.Tensor]], keep: int) -> Path:
-    """Write checkpoints/step-N in a temporary directory and rename it into place; prune old ones."""
+                    best_state: Optional[dict[str, torch.Tensor]], keep: int,
+                    rngs: Optional[list[tuple[dict[str, torch.Tensor], dict[str, Any]]]] = None) -> Path:
+    """Write checkpoints/step-N in a temporary directory and rename it into place; prune old ones.
+    `rngs`: every process's rng_state() in process order (default: this process's only)."""
     final = Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
     with atomic_directory(final) as tmp:
         save_file(_flat({n: p for n, p in model.named_parameters() if p.requires_grad}), tmp / "trainable.safetensors")
@@ -82,10 +84,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
         save_file(_flat({f"{pid}.{key}": value for pid, st in opt["state"].items() for key, value in st.items()
                          if torch.is_tensor(value)}), tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"]})
-        rng_tensors, rng_json = _rng_state()
-        save_file(_flat(rng_tensors), tmp / "rng.safetensors")
+        rngs = rngs or [rng_state()]
+        # process 0's states under their plain names (single-process checkpoints read as before)
+        tensors = {(name if i == 0 else f"rank{i}.{name}"): t for i, (ts, _) in enumerate(rngs) for name, t in ts.items()}
+        save_file(_flat(tensors), tmp / "rng.safetensors")
         atomic_write_json(tmp / "state.json", {
-            **loop_state, "step": step, "rng": rng_json,
+            **loop_state, "step": step, "rng": rngs[0][1], "rng_processes": [js for _, js in rngs[1:]],
             "scheduler": json.loads(json.dumps(scheduler.state_dict(), default=lambda o: None)),
             "scaler": scaler.state_dict() if scaler is not None else None,
         })
@@ -94,8 +98,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
-    """Restore everything save_checkpoint wrote; return (loop state, best trainable state or None)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, process_index: int = 0
+                    ) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+    """Restore everything save_checkpoint wrote; return (loop state, best trainable state or None).
+    The RNG states are `process_index`'s (process 0's if the checkpoint has fewer processes)."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         params = dict(model.named_parameters())
@@ -117,7 +123,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[di
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+        rng_tensors = load_file(path / "rng.safetensors")
+        others = state.get("rng_processes") or []
+        if 0 < process_index <= len(others):
+            prefix = f"rank{process_index}."
+            _set_rng_state({k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)},
+                           others[process_index - 1])
+        else:
+            _set_rng_state({k: v for k, v in rng_tensors.items() if not k.startswith("rank")}, state["rng"])
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
         raise LorafitError(f"{path}: checkpoint is damaged ({type(exc).__name__}: {exc}); "

@@ -139,9 +139,22 @@ class TrainConfig(_Section):
         8, ge=1, description="Pad each training batch to a multiple of this many tokens: fewer distinct shapes, "
         "so the matmul kernels are reused ('none': pad to the longest text only)."
     )
+    # off by default: 1.05x in a whole run (docs/speed.md), within noise, for a quantisation error per matmul
     int8_frozen_weights: bool = Field(
-        True, description="In fp32 training on an x86 CPU, run the frozen weights' forward matmuls in int8 (fbgemm; "
+        False, description="In fp32 training on an x86 CPU, run the frozen weights' forward matmuls in int8 (fbgemm; "
         "gradients stay fp32, evaluation uses the fp32 weights). Not used under bf16/fp16, which hold them in bf16/fp16."
+    )
+    fused_lora: bool = Field(
+        True, description="In fp32 CPU training, run each LoRA layer (frozen base + low-rank path) as one autograd "
+        "node: PEFT's numbers with less work (frozen.py)."
+    )
+    fast_dropout: bool = Field(
+        True, description="On the CPU, draw dropout masks one random byte per element (FastDropout; p rounded to "
+        "a multiple of 1/256) instead of torch's bernoulli, about 4x cheaper."
+    )
+    cpu_attention_kernel: Literal["math", "default"] = Field(
+        "math", description="SDPA kernel for CPU training steps: 'math' (its backward is faster for short texts) "
+        "or 'default' (torch's choice). GPUs always use torch's choice."
     )
     cache_frozen_prefix: bool = Field(
         True, description="When only the top layers train, compute the frozen lower layers once per text and reuse "

@@ -236,7 +236,6 @@ def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[l
 def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
     """Build the model and mark what trains, per method; check the budget."""
     base = build_base(cfg, num_labels, label_names)
-    use_fast_dropout(base)
     heads = head_module_names(base)
     targets: list[str] = []
     if cfg.method == "lora":

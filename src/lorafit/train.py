@@ -13,9 +13,9 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .frozen import calibrate_int8, frozen_linears, int8_available
 from .model import load_trainable_state_dict, load_tokenizer, prepare_model, save_weights, trainable_state_dict
 from .rundir import MetricsLog, RunRecord, new_run_dir
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -88,22 +88,23 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
+    """The Accelerator (device, process group, DDP) and lorafit's resolved precision.
+
+    Accelerate holds its mixed precision in one process-wide state that a second Accelerator may not change
+    (a notebook or a sweep training twice with other precisions), and resetting it needs private API. So the
+    Accelerator always runs with mixed_precision="no" and lorafit applies the precision itself through
+    torch.autocast and, for fp16, torch.amp.GradScaler (TrainingRecipe.autocast)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if device == "cpu":
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-    # Accelerate keeps one global state per process; a second run in the same process (a notebook, a sweep)
-    # with another precision would be refused, so each run starts from a fresh state (process group kept)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        cpu=device == "cpu", mixed_precision=PRECISIONS[precision],
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-    )
+    # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every rank;
+    # broadcasting them each forward is wasted work, and with the frozen-prefix cache the modules that own them
+    # are swapped out during the forward
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     return accelerator, precision
 
 
@@ -117,10 +118,11 @@ def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
     return None
 
 
-def training_attention(device: torch.device):
-    """On the CPU, train with SDPA's math kernel: the fused flash kernel's backward is several times slower
-    for short texts (a profiled step: 28% of it, against 9% for math). GPUs keep their fused kernels."""
-    if device.type != "cpu":
+def training_attention(device: torch.device, kernel: str = "math"):
+    """On the CPU, train with SDPA's math kernel (train.cpu_attention_kernel): the fused flash kernel's backward
+    is several times slower for short texts (a profiled step: 28% of it, against 9% for math). GPUs keep their
+    fused kernels."""
+    if device.type != "cpu" or kernel != "math":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -168,13 +170,15 @@ RESUMABLE_OVERRIDES = {"epochs", "max_steps", "time_budget_minutes", "eval_every
                        "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size"}
 
 
-def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, **overrides) -> Run:
-    """Fine-tune, evaluate and save a classifier; return the Run. `config` is a Config, a dict or a YAML path."""
+def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, callbacks: Sequence[Any] = (),
+          reuse: Optional[dict] = None, **overrides) -> Run:
+    """Fine-tune, evaluate and save a classifier; return the Run. `config` is a Config, a dict or a YAML path.
+    `callbacks` and `reuse`: see TrainingRecipe."""
     cfg = _as_config(config).with_overrides(overrides) if overrides else _as_config(config)
-    return _run(cfg, console=console)
+    return TrainingRecipe(cfg, console=console, callbacks=callbacks, reuse=reuse).run()
 
 
-def resume(run_dir: Union[str, Path], *, console=None, **overrides) -> Run:
+def resume(run_dir: Union[str, Path], *, console=None, callbacks: Sequence[Any] = (), **overrides) -> Run:
     """Continue an interrupted or failed run from its latest checkpoint."""
     from .checkpoint import list_checkpoints
     from .rundir import read_run
@@ -191,79 +195,586 @@ def resume(run_dir: Union[str, Path], *, console=None, **overrides) -> Run:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise LorafitError(f"{run_dir}: no checkpoint to resume from; start the run again with lorafit train")
-    return _run(cfg, console=console, run_dir=run_dir, resume_from=checkpoints[-1])
+    return TrainingRecipe(cfg, console=console, callbacks=callbacks).run(run_dir=run_dir, resume_from=checkpoints[-1])
 
 
-def _run(cfg: Config, console=None, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> Run:
-    accelerator, precision = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    console = console or _console(main)
-    t_start = time.time()
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step; a checkpoint saves it (state.json), a resume restores it.
+    Counters are this process's; the training-window sums (loss, accuracy) are saved summed over processes."""
 
-    from accelerate.utils import set_seed
+    epoch: int = 0
+    batches_done: int = 0  # global batches of the current epoch already trained
+    step: int = 0  # optimizer steps
+    best_value: Optional[float] = None
+    best_step: int = 0
+    bad_evals: int = 0  # validation evaluations since the last improvement (early stopping)
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    train_time: float = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
+    loss_sum: float = 0.0  # the logging window: summed batch losses, batches, correct predictions, rows
+    loss_count: int = 0
+    correct: int = 0
+    seen: int = 0
+    stop_reason: str = "completed"
 
-    set_seed(cfg.train.seed)
-    bundle = load_data(cfg.data, cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
-    encoded = encode_splits(bundle, tokenizer, cfg)
-    set_seed(cfg.train.seed)  # the head's initialisation does not depend on how much data loading drew
-    model, minfo = prepare_model(cfg.model, len(bundle.label_names), bundle.label_names)
-    frozen = frozen_mode(cfg, precision, accelerator.device.type)
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], main: bool) -> "LoopState":
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        if not main:  # the window sums are global and live on the main process (see above)
+            state.loss_sum, state.loss_count, state.correct, state.seen = 0.0, 0, 0, 0
+        return state
 
-    if resume_from is None and main:
-        run_dir = new_run_dir(cfg)
-    record = (RunRecord.start(run_dir) if resume_from is None else RunRecord.reopen(run_dir)) if main else None
-    try:
-        if main and resume_from is None:
-            cfg.to_yaml(run_dir / "config.yaml")
-            atomic_write_json(run_dir / "labels.json", bundle.label_names)
-            atomic_write_json(run_dir / "data.json", bundle.summary)
+
+class ProcessBatches(torch.utils.data.Sampler):
+    """This process's share of each global batch, from `epoch`'s order, starting at global batch `start`.
+
+    The global order is LengthGroupedBatches at the global batch size (per-device batch x processes); each global
+    batch is cut in contiguous parts, one per process, so 1 process at batch 8 and 2 at batch 4 train on the same
+    rows per step. Hand-written instead of Accelerate's prepared loader, which sets the epoch itself from a
+    counter that restarts at 0 in a resumed process (so a resumed run replayed an earlier epoch's order) and
+    whose length per process is not the sampler's global length."""
+
+    def __init__(self, order: LengthGroupedBatches, process_index: int = 0, num_processes: int = 1):
+        self.order = order
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.epoch = 0
+        self.start = 0
+
+    def __len__(self) -> int:  # global batches per epoch: the same on every process
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.order.set_epoch(self.epoch)
+        for batch in self.order.batches()[self.start:]:
+            if len(batch) < self.num_processes:  # a short last batch: repeat rows so that every process gets one
+                batch = (batch * self.num_processes)[: self.num_processes]
+            yield np.array_split(np.asarray(batch), self.num_processes)[self.process_index].tolist()
+
+
+class TrainingRecipe:
+    """The training loop, start to end; `run()` reads as the whole story:
+
+        recipe = TrainingRecipe(cfg)
+        recipe.setup()                      # accelerator, data, model, optimizer, prefix cache, run directory
+        while recipe.train_epoch():         # one epoch (validation evaluations inside); False when over
+            pass
+        run = recipe.finish()               # best weights back, test evaluation, model/ and outputs saved
+
+    `callbacks`: objects that may define on_evaluate(recipe, split, step, metrics), called on the main process
+    after every validation evaluation; what they raise ends the run (marked failed), e.g. optuna.TrialPruned.
+    `reuse`: a dict the caller keeps across recipes (a hyperparameter search): the loaded data, tokenizer and
+    encoded splits and the frozen-prefix states are stored there and taken back when their key matches.
+
+    Multi-process (torchrun / accelerate launch): every process loads the data, evaluates and decides the same;
+    each trains on its part of every global batch, DDP averages the gradients; every stop decision is agreed
+    across processes; only the main process writes the run directory.
+    """
+
+    def __init__(self, cfg: Config, console=None, callbacks: Sequence[Any] = (), reuse: Optional[dict] = None):
+        self.cfg = cfg
+        self.console = console
+        self.callbacks = list(callbacks)
+        self.reuse = reuse
+        self.state = LoopState()
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+        self.run_dir: Optional[Path] = None
+        self.record: Optional[RunRecord] = None
+        self.log: Optional[MetricsLog] = None
+        self.prefix = None
+        self.prefix_time: dict[str, float] = {}
+        self.last_logits: dict[str, np.ndarray] = {}
+        self._resume_from: Optional[Path] = None
+        self._cleanup = contextlib.ExitStack()  # undone by finish() or a failure: speed paths, threads, signals
+        self._t_start = time.time()
+        self._window: Optional[torch.Tensor] = None  # this process's window sums since the last log, on device
+
+    # --- the whole run ---------------------------------------------------------------------------------
+    def run(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> Run:
+        self.setup(run_dir=run_dir, resume_from=resume_from)
+        while self.train_epoch():
+            pass
+        return self.finish()
+
+    # --- setup -----------------------------------------------------------------------------------------
+    def setup(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> None:
+        threads = torch.get_num_threads()
+        self._cleanup.callback(torch.set_num_threads, threads)  # make_accelerator sets the CPU threads
+        self.accelerator, self.precision = make_accelerator(self.cfg)
+        self.main = self.accelerator.is_main_process
+        self.console = self.console or _console(self.main)
+        self._resume_from = resume_from
+        with self._failures_recorded():
+            self._setup(run_dir, resume_from)
+
+    def _setup(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> None:
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed)
+        self.bundle, self.tokenizer, self.encoded = self._data()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        set_seed(t.seed)  # the head's initialisation does not depend on how much data loading drew
+        model, self.model_info = prepare_model(cfg.model, len(self.bundle.label_names), self.bundle.label_names)
+        self.run_dir = self._open_run_dir(run_dir, resume_from)
+
+        train_enc = self.encoded["train"]
+        order = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size * acc.num_processes, t.seed,
+                                     t.group_by_length)
+        self.sampler = ProcessBatches(order, acc.process_index, acc.num_processes)
+        self.loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=self.sampler,
+                                                  collate_fn=Collator(self.pad_id, t.pad_to_multiple_of))
+        self.steps_per_epoch = math.ceil(len(self.sampler) / t.grad_accum_steps)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
+        # the fused kernel updates all parameters in one pass instead of a dozen ops per parameter tensor
+        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.learning_rate, weight_decay=t.weight_decay,
+                                           fused=acc.device.type in ("cpu", "cuda"))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler("constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+                                       self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        # only the model goes through prepare (device, DDP): the loader is ProcessBatches', and the optimizer and
+        # scheduler step once per optimizer step here, where Accelerate's wrappers assume a sharded epoch
+        self.model = acc.prepare(model)
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(acc.device.type) if self.precision == "fp16" else None
+        self._frozen_prefix()
+        self.speed_paths = self._apply_speed_paths()
+
+        if resume_from is not None:
+            from .checkpoint import load_checkpoint
+
+            saved, self.best_state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
+                                                     self.scaler, process_index=acc.process_index)
+            self.state = LoopState.from_checkpoint(saved, self.main)
+            if self.main:
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        if self.main:
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+            self.record.update(speed_paths=self.speed_paths)
+        # the budget covers what train_time_s counts: the steps and the training rows' prefix computation
+        self.deadline = (time.time() + t.time_budget_minutes * 60 - self.state.train_time
+                         - self.prefix_time.get("train", 0.0) if t.time_budget_minutes else None)
+        self.has_validation = len(self.encoded["validation"]) > 0
+        self._print_header()
+        self._signals = self._cleanup.enter_context(_StopSignals())
+        self.progress = self._cleanup.enter_context(_progress(self.console, self.main))
+        self._task = self.progress.add_task("train", total=self.total_steps, completed=self.state.step, info="",
+                                            epoch=self._epoch_label())
+
+    def _data(self) -> tuple[DataBundle, Any, dict[str, Encoded]]:
+        """Load, tokenise and encode the splits, or take them from `reuse` when the same data was encoded."""
+        cfg = self.cfg
+        key = ("data", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, cfg.train.seed], sort_keys=True))
+        if self.reuse is not None and key in self.reuse:
+            return self.reuse[key]
+        bundle = load_data(cfg.data, cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+        found = bundle, tokenizer, encode_splits(bundle, tokenizer, cfg)
+        if self.reuse is not None:
+            self.reuse[key] = found
+        return found
+
+    def _open_run_dir(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> Path:
+        """The main process creates (or reopens) the run directory and tells the others its path."""
+        from accelerate.utils import broadcast_object_list
+
+        problem = None
+        if self.main:
+            try:
+                run_dir = new_run_dir(self.cfg) if resume_from is None else run_dir
+            except LorafitError as exc:
+                problem = str(exc)
+        if self.accelerator.num_processes > 1:  # every process must leave here together, even on an error
+            run_dir, problem = broadcast_object_list([str(run_dir) if run_dir else None, problem])
+        if problem:
+            raise LorafitError(problem)
+        run_dir = Path(run_dir)
+        if resume_from is not None:
+            _check_same_splits(run_dir, self.bundle)
+        if self.main:
+            self.record = RunRecord.start(run_dir) if resume_from is None else RunRecord.reopen(run_dir)
+        if self.main and resume_from is None:
+            self.cfg.to_yaml(run_dir / "config.yaml")
+            atomic_write_json(run_dir / "labels.json", self.bundle.label_names)
+            atomic_write_json(run_dir / "data.json", self.bundle.summary)
             atomic_write_json(run_dir / "splits.json", {
-                k: getattr(bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
-            tokenizer.save_pretrained(run_dir / "tokenizer")
-            record.update(precision=precision, frozen_weights=frozen or "fp32", device=str(accelerator.device),
-                          model=minfo.as_dict(), data_sizes=bundle.summary["sizes"])
-        if main and resume_from is not None:
-            _check_same_splits(run_dir, bundle)
-        if main:
-            console.print(
-                f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {minfo.trainable:,} / total "
-                f"{minfo.total:,} ({minfo.percent:.2f}%), budget "
-                f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
-                f"device {accelerator.device}, precision {precision}"
-                + (f" (frozen weights {frozen})" if frozen == "int8" else "") + "; "
-                f"train/validation/test {len(encoded['train'])}/{len(encoded['validation'])}/{len(encoded['test'])}"
-                + (f"; resuming from {resume_from.name}" if resume_from is not None else "")
-            )
-        with frozen_linears(model, frozen):
-            result = _fit(cfg, model, tokenizer, encoded, bundle.label_names, accelerator, console, run_dir, record,
-                          resume_from)
-        info = {"wall_time_s": round(time.time() - t_start, 2), **result["info"]}
-        if main:
-            save_weights(accelerator.unwrap_model(model), cfg.model, run_dir / "model")
-            atomic_write_json(run_dir / "test_metrics.json", result["test_metrics"])
-            _write_test_predictions(run_dir / "test_predictions.csv", bundle, result["test_logits"])
-            record.update(status="completed", finished_at=_now(), **info)
-            _report_if_available(run_dir, console)
-            t = result["test_metrics"]
-            if info["stop_reason"] != "completed":
-                best = info.get(f"best_validation_{cfg.train.metric_for_best}")
-                console.print(f"stopped early ({info['stop_reason']}) at step {info['steps']}; best validation "
-                              f"{cfg.train.metric_for_best} {best:.4f} at step {info['best_step']}, restored")
-            console.print(
-                f"[bold green]test accuracy {t['accuracy']:.4f}[/]  macro F1 {t['f1_macro']:.4f}  "
-                f"loss {t['loss']:.4f}  ({info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s)  "
-                f"-> {run_dir}"
-            )
-        return Run(run_dir, cfg, result["test_metrics"], info)
-    except (KeyboardInterrupt, Interrupted):
-        if main:
-            record.update(status="interrupted", finished_at=_now())
-        raise
-    except BaseException as exc:
-        if main:
-            record.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:2000])
-        raise
+                k: getattr(self.bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")
+            self.record.update(precision=self.precision, frozen_weights=self._frozen_mode() or "fp32",
+                               device=str(self.accelerator.device), num_processes=self.accelerator.num_processes,
+                               model=self.model_info.as_dict(), data_sizes=self.bundle.summary["sizes"])
+        return run_dir
+
+    def _frozen_mode(self) -> Optional[str]:
+        return frozen_mode(self.cfg, self.precision, self.accelerator.device.type)
+
+    def _frozen_prefix(self) -> None:
+        """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
+        from .prefix_cache import FrozenPrefix
+
+        if not self.cfg.train.cache_frozen_prefix:
+            return
+        dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
+        self.prefix = FrozenPrefix.maybe(self.unwrapped, dtype)
+        if self.prefix is None:
+            return
+        cfg = self.cfg
+        key = ("prefix", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, cfg.train.seed, self.prefix.k,
+                                     str(dtype), cfg.model.trust_remote_code], sort_keys=True))
+        if self.reuse is not None and key in self.reuse:
+            self.prefix.store = self.reuse[key]
+            self.prefix_time = {split: 0.0 for split in self.encoded}  # nothing computed in this run
+            return
+        for split, enc in self.encoded.items():
+            t0 = time.time()
+            self.prefix.compute(split, enc, cfg.train.eval_batch_size, self.pad_id, self.accelerator.device,
+                                self.autocast)
+            self.prefix_time[split] = time.time() - t0
+        if self.reuse is not None:
+            self.reuse[key] = self.prefix.store
+        self.console.print(f"cached the frozen embeddings + layers 0..{self.prefix.k - 1} for "
+                           f"{sum(map(len, self.encoded.values()))} texts in {sum(self.prefix_time.values()):.1f}s; "
+                           f"each step now runs layers {self.prefix.k}+ only")
+
+    def _apply_speed_paths(self) -> dict[str, Any]:
+        """Every change to the model's forward pass, applied here and undone by finish(); returns what is on
+        (run.json's speed_paths). The attention kernel applies per training step (self.step_context)."""
+        t, device = self.cfg.train, self.accelerator.device
+        frozen = self._frozen_mode()
+        fp32_cpu = self.precision == "fp32" and device.type == "cpu"
+        if t.fast_dropout and device.type == "cpu":
+            self._cleanup.enter_context(fast_dropout(self.unwrapped))
+        self._cleanup.enter_context(frozen_linears(self.unwrapped, frozen, fuse_lora=t.fused_lora))
+        if frozen == "int8":
+            # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same way
+            _calibrate_int8(self.unwrapped, self.encoded["train"], self.prefix, self.pad_id, device)
+        kernel = t.cpu_attention_kernel if device.type == "cpu" else "default"
+        self.step_context = lambda: training_attention(device, kernel)
+        return {
+            "prefix_cache": self.prefix is not None,
+            "prefix_cache_from_layer": self.prefix.k if self.prefix is not None else None,
+            "frozen_weights": frozen or "fp32",
+            "fused_lora": bool(t.fused_lora and fp32_cpu and self.cfg.model.method == "lora"),
+            "fast_dropout": bool(t.fast_dropout and device.type == "cpu"),
+            "attention_kernel": kernel,
+        }
+
+    def _print_header(self) -> None:
+        if not self.main:
+            return
+        cfg, info, enc = self.cfg, self.model_info, self.encoded
+        frozen = self._frozen_mode()
+        self.console.print(
+            f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {info.trainable:,} / total "
+            f"{info.total:,} ({info.percent:.2f}%), budget "
+            f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
+            f"device {self.accelerator.device}"
+            + (f" x {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1 else "")
+            + f", precision {self.precision}" + (f" (frozen weights {frozen})" if frozen == "int8" else "") + "; "
+            f"train/validation/test {len(enc['train'])}/{len(enc['validation'])}/{len(enc['test'])}"
+            + (f"; resuming from {self._resume_from.name}" if self._resume_from is not None else "")
+        )
+        if not self.has_validation:
+            self.console.print("no validation split: no validation evaluations; the last epoch's weights are kept")
+
+    def autocast(self):
+        """lorafit's mixed precision (see make_accelerator): autocast to bf16/fp16, or nothing in fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    # --- one epoch ---------------------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """Train to the end of the current epoch (or max steps, or a stop); return False when training is over."""
+        with self._failures_recorded(), torch.enable_grad():  # grad mode as the caller left it, afterwards
+            self._train_epoch()
+        return self.state.step < self.total_steps and self.state.stop_reason == "completed"
+
+    def _train_epoch(self) -> None:
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        if st.step >= self.total_steps or st.stop_reason != "completed":
+            return
+        self.sampler.epoch, self.sampler.start = st.epoch, st.batches_done  # the order follows LoopState alone
+        self.model.train()
+        evaluated_at = None
+        t0 = time.time()
+        for batch in self.loader:
+            st.batches_done += 1
+            sync = st.batches_done % t.grad_accum_steps == 0 or st.batches_done == len(self.sampler)
+            self._train_step(batch, sync)
+            if not sync:
+                continue
+            st.step += 1
+            if st.step % t.log_every == 0 or st.step == self.total_steps:
+                st.train_time += time.time() - t0
+                self._log_training()
+                t0 = time.time()
+            stop = {"early_stopping": False, "time_budget": self.deadline is not None and time.time() > self.deadline,
+                    "signal": self._signals.received is not None}
+            if t.eval_every and st.step % t.eval_every == 0 and self.has_validation:
+                st.train_time += time.time() - t0
+                stop["early_stopping"] = self._validate()
+                evaluated_at = st.step
+                t0 = time.time()
+            stop = self._agree(stop)
+            if stop["signal"]:
+                st.train_time += time.time() - t0
+                self.save_checkpoint()
+                raise Interrupted(f"{self._signals.received or 'a signal to another process'} at step {st.step}; "
+                                  f"checkpoint saved; resume with: lorafit train --resume {self.run_dir}")
+            if st.stop_reason == "completed":
+                st.stop_reason = next((reason for reason, hit in stop.items() if hit), "completed")
+            if (t.checkpoint_every and st.step % t.checkpoint_every == 0 and st.batches_done < len(self.sampler)
+                    and st.stop_reason == "completed"):
+                st.train_time += time.time() - t0
+                self.save_checkpoint()
+                t0 = time.time()
+            if st.step >= self.total_steps or st.stop_reason != "completed":
+                break
+        st.train_time += time.time() - t0
+        self.progress.update(self._task, completed=st.step)
+        epoch_done = st.batches_done >= len(self.sampler)
+        if evaluated_at != st.step and self.has_validation:  # not just evaluated at this very step
+            early = self._agree({"early_stopping": self._validate()})["early_stopping"]
+            if early and st.stop_reason == "completed":
+                st.stop_reason = "early_stopping"
+        if epoch_done:
+            st.epoch += 1
+            st.batches_done = 0
+            self.progress.update(self._task, epoch=self._epoch_label())
+        if st.step < self.total_steps and st.stop_reason == "completed":
+            self.save_checkpoint()
+
+    def _train_step(self, batch: dict, sync: bool) -> None:
+        """Forward, backward and (on `sync`) the optimizer step, for this process's part of a global batch."""
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        # DDP all-reduces the gradients in backward; between optimizer steps (accumulation) it must not
+        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with self.step_context(), self.autocast():
+                if self.prefix is not None:  # the DDP-wrapped model runs, with the cached lower layers swapped in
+                    logits = self.prefix.logits(self.model, batch, "train", acc.device)
+                else:
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
+            scaled = loss / t.grad_accum_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if sync:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(self.trainable, t.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        window = torch.stack([loss.detach().float(), (logits.argmax(-1) == batch["labels"]).sum().float()])
+        self._window = window if self._window is None else self._window + window
+        st.loss_count += 1
+        st.seen += len(batch["labels"])
+        st.samples += len(batch["labels"])
+        st.real_tokens += int(batch["attention_mask"].sum())
+        st.padded_tokens += batch["attention_mask"].numel()
+
+    def _window_totals(self) -> tuple[float, int, float, int]:
+        """The logging window's (loss sum, batches, correct, rows) over every process."""
+        st = self.state
+        acc = self.accelerator
+        here = torch.tensor([st.loss_sum, st.loss_count, st.correct, st.seen], dtype=torch.float64)
+        if self._window is not None:
+            here[0] += float(self._window[0])
+            here[2] += float(self._window[1])
+        total = acc.reduce(here.to(acc.device), "sum").cpu() if acc.num_processes > 1 else here
+        return float(total[0]), int(total[1]), float(total[2]), int(total[3])
+
+    def _reset_window(self) -> None:
+        st = self.state
+        self._window = None
+        st.loss_sum, st.loss_count, st.correct, st.seen = 0.0, 0, 0, 0
+
+    def _log_training(self) -> None:
+        st, acc = self.state, self.accelerator
+        loss_sum, batches, correct, rows = self._window_totals()
+        mean_loss = loss_sum / max(batches, 1)
+        if not math.isfinite(mean_loss):
+            raise LorafitError(f"training loss became {mean_loss} at step {st.step}; {_latest_checkpoint_note(self.run_dir)}"
+                               "lower --learning-rate or use --precision fp32 and train again")
+        lr = self.scheduler.get_last_lr()[0]
+        sps = st.samples * acc.num_processes / max(st.train_time, 1e-9)
+        accuracy = correct / max(rows, 1)
+        if self.main:
+            self.log.write(type="train", step=st.step, epoch=self._epoch_position(), loss=mean_loss,
+                           accuracy=round(accuracy, 6), lr=lr, samples_per_s=round(sps, 2))
+        self.progress.update(self._task, completed=st.step,
+                             info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
+        self._reset_window()
+
+    def _agree(self, flags: dict[str, bool]) -> dict[str, bool]:
+        """A stop decision holds for every process if it holds for one: no process may stop while another
+        waits for it in a collective."""
+        if self.accelerator.num_processes == 1:
+            return flags
+        acc = self.accelerator
+        votes = acc.reduce(torch.tensor([float(v) for v in flags.values()], device=acc.device), "max")
+        return {name: bool(v) for name, v in zip(flags, votes.tolist())}
+
+    def _epoch_position(self) -> float:
+        st = self.state
+        return round(st.epoch + min(1.0, st.batches_done / max(len(self.sampler), 1)), 4)
+
+    def _epoch_label(self) -> str:
+        total = self.total_steps / self.steps_per_epoch
+        shown = f"{total:g}" if total == int(total) else f"{total:.1f}"
+        return f"{min(self.state.epoch + 1, math.ceil(total))}/{shown}"
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Metrics of the current weights on `split` (evaluate.compute_metrics); the logits go to last_logits.
+        Every process computes the same numbers on the unwrapped model: no collective, nothing to gather."""
+        acc, enc = self.accelerator, self.encoded[split]
+        prefix = self.prefix
+        forward = (lambda batch: prefix.logits(self.unwrapped, batch, split, acc.device)) if prefix is not None else None
+        logits = predict_logits(self.unwrapped, enc, self.cfg.train.eval_batch_size, self.pad_id, acc.device,
+                                autocast=self.autocast, forward=forward)
+        self.last_logits[split] = logits
+        return compute_metrics(enc.labels, logits, self.bundle.label_names)
+
+    def _validate(self) -> bool:
+        """Evaluate on validation, keep the best weights; return True when early stopping says stop."""
+        st, t = self.state, self.cfg.train
+        m = self.evaluate("validation")
+        improved = better(t.metric_for_best, m[t.metric_for_best], st.best_value)
+        if improved:
+            st.best_value, st.best_step, st.bad_evals = m[t.metric_for_best], st.step, 0
+            self.best_state = trainable_state_dict(self.unwrapped)
+        else:
+            st.bad_evals += 1
+        if self.main:
+            self.log.write(type="eval", split="validation", step=st.step, epoch=self._epoch_position(),
+                           **scalar_metrics(m), per_class=m["per_class"], confusion_matrix=m["confusion_matrix"],
+                           best=improved)
+            self.progress.console.print(
+                f"step {st.step} epoch {self._epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
+                f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}")
+            for callback in self.callbacks:
+                if hasattr(callback, "on_evaluate"):
+                    callback.on_evaluate(self, "validation", st.step, m)
+        return t.early_stopping_patience is not None and st.bad_evals >= t.early_stopping_patience
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Optional[Path]:
+        """A resumable checkpoint at the current step (written by the main process; every process calls it)."""
+        from accelerate.utils import gather_object
+
+        from .checkpoint import rng_state, save_checkpoint
+
+        loss_sum, batches, correct, rows = self._window_totals()
+        rngs = [rng_state()]
+        if self.accelerator.num_processes > 1:
+            rngs = gather_object(rngs)  # each process's dropout stream, restored to the same process
+        if not self.main:
+            return None
+        saved = asdict(self.state)
+        saved.update(loss_sum=loss_sum, loss_count=batches, correct=int(correct), seen=rows)
+        return save_checkpoint(self.run_dir, self.state.step, self.unwrapped, self.optimizer, self.scheduler,
+                               self.scaler, saved, self.best_state, self.cfg.train.keep_checkpoints, rngs=rngs)
+
+    # --- the end ---------------------------------------------------------------------------------------
+    def finish(self, evaluate_test: bool = True) -> Run:
+        """Restore the best weights, evaluate on test (if asked), save model/ and the outputs; undo the speed
+        paths, threads and signal handlers."""
+        with self._failures_recorded():
+            return self._finish(evaluate_test)
+
+    def _finish(self, evaluate_test: bool) -> Run:
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        self.progress.update(self._task, completed=st.step)
+        if self.best_state is not None:
+            load_trainable_state_dict(self.unwrapped, self.best_state)
+        test_metrics: dict[str, Any] = {}
+        if evaluate_test:
+            test_metrics = self.evaluate("test")
+            if self.main:
+                self.log.write(type="eval", split="test", step=st.step,
+                               epoch=round(st.step / self.steps_per_epoch, 4), **scalar_metrics(test_metrics),
+                               per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
+        if self.log is not None:
+            self.log.close()
+        self._cleanup.close()  # the model's plain forward back before it is saved
+        info = self._summary()
+        if self.main:
+            save_weights(self.unwrapped, self.cfg.model, self.run_dir / "model")
+            if evaluate_test:
+                atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
+                _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
+            self.record.update(status="completed", finished_at=_now(), **info)
+            _report_if_available(self.run_dir, self.console)
+            self._print_result(info, test_metrics)
+        acc.wait_for_everyone()  # when train() returns on any process, the run directory is complete
+        return Run(self.run_dir, self.cfg, test_metrics, info)
+
+    def _summary(self) -> dict[str, Any]:
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        train_prefix_s = self.prefix_time.get("train", 0.0)
+        return {
+            "wall_time_s": round(time.time() - self._t_start, 2),
+            "steps": st.step, "epochs_completed": round(st.step / self.steps_per_epoch, 4),
+            "stop_reason": st.stop_reason, "best_step": st.best_step,
+            f"best_validation_{t.metric_for_best}": st.best_value,
+            "weights": "best validation" if self.best_state is not None else "last (no validation split)",
+            "train_samples": st.samples * acc.num_processes,
+            # the train split's one-off prefix computation is part of training's cost, so it counts in the
+            # throughput; the validation and test splits' is evaluation work, which is not counted
+            "train_time_s": round(st.train_time + train_prefix_s, 2),
+            "prefix_cache_s": round(sum(self.prefix_time.values()), 2),
+            "prefix_cache_train_s": round(train_prefix_s, 2),
+            "prefix_cache_from_layer": self.prefix.k if self.prefix is not None else None,
+            "train_samples_per_s": round(st.samples * acc.num_processes / max(st.train_time + train_prefix_s, 1e-9), 2),
+            "padding_efficiency": round(st.real_tokens / max(st.padded_tokens, 1), 4),
+            "resumed": self._resume_from is not None,
+        }
+
+    def _print_result(self, info: dict[str, Any], test: dict[str, Any]) -> None:
+        t = self.cfg.train
+        if info["stop_reason"] != "completed":
+            best = info.get(f"best_validation_{t.metric_for_best}")
+            self.console.print(f"stopped early ({info['stop_reason']}) at step {info['steps']}; best validation "
+                               f"{t.metric_for_best} {best:.4f} at step {info['best_step']}, restored"
+                               if best is not None else f"stopped early ({info['stop_reason']}) at step {info['steps']}")
+        if self.best_state is None:
+            self.console.print("no validation split: kept the last epoch's weights")
+        result = (f"[bold green]test accuracy {test['accuracy']:.4f}[/]  macro F1 {test['f1_macro']:.4f}  "
+                  f"loss {test['loss']:.4f}  " if test else "no test evaluation  ")
+        report = self.run_dir / "report.html"
+        self.console.print(f"{result}({info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s)  "
+                           f"-> {self.run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
+
+    @contextlib.contextmanager
+    def _failures_recorded(self):
+        """Any exception marks the run interrupted or failed in run.json and undoes the speed paths."""
+        try:
+            yield
+        except (KeyboardInterrupt, Interrupted):
+            self._close(status="interrupted")
+            raise
+        except BaseException as exc:
+            self._close(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+
+    def _close(self, **fields) -> None:
+        try:
+            self._cleanup.close()
+        finally:
+            if self.main and self.record is not None:
+                self.record.update(finished_at=_now(), **fields)
 
 
 def _check_same_splits(run_dir: Path, bundle: DataBundle) -> None:
@@ -302,188 +813,25 @@ class _StopSignals:
 
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old.clear()
 
 
-def _fit(cfg: Config, model, tokenizer, encoded, label_names, accelerator, console, run_dir, record,
-         resume_from: Optional[Path] = None) -> dict[str, Any]:
-    from .checkpoint import load_checkpoint, save_checkpoint
+@contextlib.contextmanager
+def fast_dropout(model: nn.Module):
+    """Within the block, the model's nn.Dropout modules are FastDropout (model.py: a cheaper CPU mask)."""
+    from .model import FastDropout
 
-    t = cfg.train
-    main = accelerator.is_main_process
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_enc = encoded["train"]
-    sampler = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size, t.seed, t.group_by_length)
-    # the loader gets its own generator so creating an iterator never draws from the global RNG (exact resume)
-    loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=sampler,
-                                         collate_fn=Collator(pad_id, t.pad_to_multiple_of),
-                                         generator=torch.Generator().manual_seed(t.seed))
-
-    steps_per_epoch = math.ceil(len(sampler) / t.grad_accum_steps)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
-    # the fused kernel updates all parameters in one pass instead of a dozen ops per parameter tensor
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.learning_rate, weight_decay=t.weight_decay,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler("constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    prefix, prefix_time = _frozen_prefix(cfg, model, encoded, pad_id, accelerator, console)
-    # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same way
-    _calibrate_int8(accelerator.unwrap_model(model), encoded["train"], prefix, pad_id, accelerator.device)
-
-    # everything the loop carries from step to step; a checkpoint saves it, a resume restores it
-    st: dict[str, Any] = dict(epoch=0, batches_done=0, best_value=None, best_step=0, bad_evals=0, samples=0,
-                              real_tokens=0, padded_tokens=0, train_time=0.0, loss_sum=0.0, loss_count=0)
-    best_state, step = None, 0
-    if resume_from is not None:
-        restored, best_state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
-                                               accelerator.scaler)
-        st.update({k: restored[k] for k in st})
-        step = restored["step"]
-        if main:
-            _truncate_metrics(run_dir / "metrics.jsonl", restored["step"])
-    log = MetricsLog(run_dir / "metrics.jsonl") if main else None
-    evaluate = lambda split: _evaluate(model, encoded[split], label_names, t.eval_batch_size, pad_id, accelerator,  # noqa: E731
-                                       prefix, split)
-    # the budget covers what train_time_s counts: the steps and the training rows' prefix computation
-    deadline = (time.time() + t.time_budget_minutes * 60 - st["train_time"] - prefix_time.get("train", 0.0)
-                if t.time_budget_minutes else None)
-    stop_reason = "completed"
-    loss_sum = torch.tensor(st["loss_sum"], device=accelerator.device)
-    progress = _progress(console, main, total_steps)
-    kill_after = int(os.environ.get("LORAFIT_TEST_KILL_AFTER_STEP", "0"))  # crash-test hook: SIGKILL self
-
-    def epoch_position() -> float:
-        return round(st["epoch"] + min(1.0, st["batches_done"] / max(len(sampler), 1)), 4)
-
-    def run_eval() -> bool:
-        """Evaluate on validation, keep the best state; return True when early stopping says stop."""
-        nonlocal best_state
-        m = evaluate("validation")
-        improved = better(t.metric_for_best, m[t.metric_for_best], st["best_value"])
-        if improved:
-            st.update(best_value=m[t.metric_for_best], best_step=step, bad_evals=0)
-            best_state = trainable_state_dict(accelerator.unwrap_model(model))
-        else:
-            st["bad_evals"] += 1
-        if main:
-            log.write(type="eval", split="validation", step=step, epoch=epoch_position(), **scalar_metrics(m),
-                      per_class=m["per_class"], confusion_matrix=m["confusion_matrix"], best=improved)
-            progress.console.print(
-                f"step {step} epoch {epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
-                f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}"
-            )
-        return t.early_stopping_patience is not None and st["bad_evals"] >= t.early_stopping_patience
-
-    def checkpoint() -> None:
-        if main:
-            st["loss_sum"] = float(loss_sum)
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler,
-                            dict(st), best_state, t.keep_checkpoints)
-
-    model.train()
-    with progress, _StopSignals() as signals:
-        task = progress.add_task("train", total=total_steps, info="", completed=step)
-        while step < total_steps and stop_reason == "completed":
-            sampler.set_epoch(st["epoch"])
-            batches = accelerator.skip_first_batches(loader, st["batches_done"]) if st["batches_done"] else loader
-            t0 = time.time()
-            for batch in batches:
-                with accelerator.accumulate(model), training_attention(accelerator.device):
-                    if prefix is not None:
-                        logits = prefix.logits(model, batch, "train", accelerator.device)
-                    else:
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                st["loss_count"] += 1
-                st["batches_done"] += 1
-                st["samples"] += len(batch["labels"])
-                st["real_tokens"] += int(batch["attention_mask"].sum())
-                st["padded_tokens"] += batch["attention_mask"].numel()
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                if step % t.log_every == 0 or step == total_steps:
-                    st["train_time"] += time.time() - t0
-                    t0 = time.time()
-                    mean_loss = (loss_sum / st["loss_count"]).item()
-                    if not math.isfinite(mean_loss):
-                        last = _latest_checkpoint_note(run_dir)
-                        raise LorafitError(f"training loss became {mean_loss} at step {step}; {last}lower "
-                                           "--learning-rate or use --precision fp32 and train again")
-                    lr = scheduler.get_last_lr()[0]
-                    sps = st["samples"] * accelerator.num_processes / max(st["train_time"], 1e-9)
-                    if main:
-                        log.write(type="train", step=step, epoch=epoch_position(), loss=mean_loss, lr=lr,
-                                  samples_per_s=round(sps, 2))
-                    progress.update(task, completed=step, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
-                    loss_sum.zero_()
-                    st["loss_count"] = 0
-                if t.eval_every and step % t.eval_every == 0:
-                    st["train_time"] += time.time() - t0
-                    if run_eval():
-                        stop_reason = "early_stopping"
-                    t0 = time.time()
-                if deadline and time.time() > deadline and stop_reason == "completed":
-                    stop_reason = "time_budget"
-                if t.checkpoint_every and step % t.checkpoint_every == 0 and st["batches_done"] < len(sampler):
-                    st["train_time"] += time.time() - t0
-                    checkpoint()
-                    t0 = time.time()
-                if signals.received:
-                    st["train_time"] += time.time() - t0
-                    checkpoint()
-                    raise Interrupted(f"{signals.received} at step {step}; checkpoint saved; resume with: "
-                                      f"lorafit train --resume {run_dir}")
-                if kill_after and step == kill_after:
-                    os.kill(os.getpid(), 9)
-                if step >= total_steps or stop_reason != "completed":
-                    break
-            st["train_time"] += time.time() - t0
-            progress.update(task, completed=step)
-            epoch_done = st["batches_done"] >= len(sampler)
-            if not (t.eval_every and step % t.eval_every == 0):  # not just evaluated at this very step
-                if run_eval() and stop_reason == "completed":
-                    stop_reason = "early_stopping"
-            if epoch_done:
-                st["epoch"] += 1
-                st["batches_done"] = 0
-            if step < total_steps and stop_reason == "completed":
-                checkpoint()
-
-    unwrapped = accelerator.unwrap_model(model)
-    if best_state is not None:
-        load_trainable_state_dict(unwrapped, best_state)
-    test_metrics = evaluate("test")
-    test_logits = test_metrics.pop("_logits")
-    if main:
-        log.write(type="eval", split="test", step=step, epoch=round(step / steps_per_epoch, 4), **scalar_metrics(test_metrics),
-                  per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
-        log.close()
-    train_prefix_s = prefix_time.get("train", 0.0)
-    info = {
-        "steps": step, "epochs_completed": round(step / steps_per_epoch, 4), "stop_reason": stop_reason,
-        "best_step": st["best_step"], f"best_validation_{t.metric_for_best}": st["best_value"],
-        "train_samples": st["samples"] * accelerator.num_processes,
-        # the train split's one-off prefix computation is part of training's cost, so it counts in the throughput;
-        # the validation and test splits' is evaluation work, which is not counted (nor is it for the peer)
-        "train_time_s": round(st["train_time"] + train_prefix_s, 2), "prefix_cache_s": round(sum(prefix_time.values()), 2),
-        "prefix_cache_train_s": round(train_prefix_s, 2), "prefix_cache_from_layer": prefix.k if prefix is not None else None,
-        "train_samples_per_s": round(st["samples"] * accelerator.num_processes / max(st["train_time"] + train_prefix_s, 1e-9), 2),
-        "padding_efficiency": round(st["real_tokens"] / max(st["padded_tokens"], 1), 4),
-        "resumed": resume_from is not None,
-    }
-    return {"test_metrics": test_metrics, "test_logits": test_logits, "info": info}
+    swapped = []
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p, child.inplace))
+                swapped.append((module, name, child))
+    try:
+        yield
+    finally:
+        for module, name, child in swapped:
+            setattr(module, name, child)
 
 
 def _latest_checkpoint_note(run_dir) -> str:
@@ -508,41 +856,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _frozen_prefix(cfg: Config, model, encoded, pad_id, accelerator, console):
-    """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
-    from .prefix_cache import FrozenPrefix
-
-    if not cfg.train.cache_frozen_prefix:
-        return None, {}
-    dtype = torch.float32 if accelerator.mixed_precision == "no" else torch.bfloat16
-    prefix = FrozenPrefix.maybe(accelerator.unwrap_model(model), dtype)
-    if prefix is None:
-        return None, {}
-    elapsed = {}
-    for split, enc in encoded.items():
-        t0 = time.time()
-        prefix.compute(split, enc, cfg.train.eval_batch_size, pad_id, accelerator.device, accelerator.autocast)
-        elapsed[split] = time.time() - t0
-    console.print(f"cached the frozen embeddings + layers 0..{prefix.k - 1} for {sum(map(len, encoded.values()))} "
-                  f"texts in {sum(elapsed.values()):.1f}s; each step now runs layers {prefix.k}+ only")
-    return prefix, elapsed
-
-
 def _calibrate_int8(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
     """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
     n = min(rows, len(enc))
     sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
     forward = (lambda batch: prefix.logits(model, batch, "train", device)) if prefix is not None else None
     calibrate_int8(model, lambda: predict_logits(model, sample, n, pad_id, device, forward=forward))
-
-
-def _evaluate(model, enc: Encoded, label_names, batch_size, pad_id, accelerator, prefix=None, split=None) -> dict[str, Any]:
-    forward = (lambda batch: prefix.logits(model, batch, split, accelerator.device)) if prefix is not None else None
-    logits = predict_logits(accelerator.unwrap_model(model), enc, batch_size, pad_id, accelerator.device,
-                            autocast=accelerator.autocast, forward=forward)
-    metrics = compute_metrics(enc.labels, logits, label_names)
-    metrics["_logits"] = logits
-    return metrics
 
 
 def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
@@ -603,12 +922,19 @@ def _console(main: bool):
     return Console(quiet=not main, stderr=False)
 
 
-def _progress(console, main: bool, total: int):
+def _progress(console, main: bool):
+    """The training bar. Epoch and step counts never fold (no_wrap); the free-text info column is the one
+    that gives way in a narrow terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
 
+    fixed = lambda: Column(no_wrap=True)  # noqa: E731
     return Progress(
-        TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"), console=console, disable=not main, transient=False,
+        TextColumn("[bold]train[/] epoch {task.fields[epoch]}", table_column=fixed()),
+        BarColumn(bar_width=20), MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
+        TimeRemainingColumn(table_column=fixed()),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        console=console, disable=not main, transient=False,
     )
 
 
