@@ -21,6 +21,7 @@ import yaml
 import lorafit
 from conftest import tiny_config
 from lorafit.config import Config
+from lorafit.search import open_storage
 
 PG_BIN = Path(os.environ.get("LORAFIT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
@@ -29,8 +30,8 @@ SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": Tr
 
 def _search_yaml(tiny_model_dir, out: Path, **search) -> Path:
     # lora on the top layer only: trials share the tokenisation and the cached frozen layer 0
-    cfg = tiny_config(tiny_model_dir("bert"), out / "runs", max_train_samples=120, max_eval_samples=40, epochs=1,
-                      lora_layers=[-1])
+    cfg = tiny_config(tiny_model_dir("bert"), out / "runs", max_train_samples=160, max_eval_samples=40, epochs=1,
+                      lora_layers=[-1], eval_every=5)
     raw = cfg.model_dump(mode="json")
     raw["search"] = {"space": SPACE, "search_dir": str(out / "searches"), "heartbeat_seconds": 1, **search}
     path = out / "search.yaml"
@@ -82,21 +83,15 @@ def test_best_yaml_reproduces_the_best_trial(tiny_model_dir, tmp_path):
     assert best.train.learning_rate == best_trial.params["learning_rate"]
     run = lorafit.train(best.with_overrides({"output_dir": str(tmp_path / "again"), "run_name": "best"}))
     assert run.info["best_validation_accuracy"] == pytest.approx(result.best_value, abs=1e-9)
+    validation = lambda d: [(r["step"], r["accuracy"], round(r["loss"], 5)) for r in map(yaml.safe_load, (  # noqa: E731
+        d / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "validation"]
+    assert validation(run.path) == validation(trial_dir)  # the same run, evaluation by evaluation
 
 
-def test_two_workers_share_a_sqlite_study(tiny_model_dir, tmp_path):
+def test_sigkilled_worker_then_two_workers_finish_the_sqlite_study(tiny_model_dir, tmp_path):
+    """One worker is killed with SIGKILL in its second trial; the same command run by two workers at once then
+    finishes the study: N counted trials, none trained twice, the killed one FAIL (the heartbeat marked it)."""
     cfg_path = _search_yaml(tiny_model_dir, tmp_path, n_trials=4)
-    workers = [_worker(cfg_path), _worker(cfg_path)]
-    for w in workers:
-        _finish(w)
-    study_dir = tmp_path / "searches" / "lorafit-search"
-    study = optuna.load_study(study_name="lorafit-search", storage=f"sqlite:///{study_dir / 'study.db'}")
-    _assert_each_trial_ran_once(study, study_dir, 4)
-    assert (study_dir / "best.yaml").is_file() and (study_dir / "search_report.html").is_file()
-
-
-def test_sigkilled_worker_leaves_a_failed_trial_and_the_study_goes_on(tiny_model_dir, tmp_path):
-    cfg_path = _search_yaml(tiny_model_dir, tmp_path, n_trials=3)
     study_dir = tmp_path / "searches" / "lorafit-search"
     proc = _worker(cfg_path)
     second = study_dir / "trials" / "trial-0001" / "run.json"  # the second trial has started training
@@ -108,10 +103,14 @@ def test_sigkilled_worker_leaves_a_failed_trial_and_the_study_goes_on(tiny_model
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
-    _finish(_worker(cfg_path))  # the same command again continues the study
+    workers = [_worker(cfg_path), _worker(cfg_path)]
+    for w in workers:
+        _finish(w)
     study = optuna.load_study(study_name="lorafit-search", storage=f"sqlite:///{study_dir / 'study.db'}")
-    assert study.trials[1].state.name == "FAIL"  # marked by the heartbeat, not left RUNNING
-    assert len(_counted(study)) == 3 and len(study.trials) == 4
+    assert study.trials[1].state.name == "FAIL"  # not left RUNNING
+    _assert_each_trial_ran_once(study, study_dir, 4)
+    assert len(study.trials) == 5
+    assert (study_dir / "best.yaml").is_file() and (study_dir / "search_report.html").is_file()
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------------------
@@ -155,5 +154,5 @@ def test_two_workers_share_a_postgresql_study(tiny_model_dir, tmp_path, postgres
     workers = [_worker(cfg_path), _worker(cfg_path)]
     for w in workers:
         _finish(w)
-    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url, 1))
     _assert_each_trial_ran_once(study, tmp_path / "searches" / "pg", 3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import json
 import os
@@ -186,6 +187,18 @@ def _redact(url: str) -> str:
         return url
 
 
+def _with_installed_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; lorafit[search] installs psycopg2 (binary wheels everywhere),
+    so a bare postgresql:// URL uses psycopg2 when psycopg 3 is absent. An explicit +driver is kept."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
+                and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
 @contextlib.contextmanager
 def _no_experimental_warnings():
     """Heartbeats and metric names are stable in use but flagged experimental by Optuna; not the user's concern."""
@@ -203,6 +216,7 @@ def open_storage(url: str, heartbeat_seconds: int):
     import optuna
 
     kwargs: dict[str, Any] = {}
+    url = _with_installed_driver(url)
     if url.startswith("sqlite"):
         # two workers on one file wait for the lock instead of failing with 'database is locked'
         kwargs["connect_args"] = {"timeout": 60}
@@ -216,7 +230,7 @@ def open_storage(url: str, heartbeat_seconds: int):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LorafitError(f"--storage {_redact(url)}: cannot open the study storage ({type(exc).__name__}: {first}); "
                            "check the URL, that the server is running and reachable, and its driver "
-                           "(pip install 'lorafit[search]')") from None
+                           "(PostgreSQL: pip install psycopg2-binary)") from None
 
 
 def _sampler(s: SearchConfig):
@@ -354,7 +368,10 @@ class Objective:
             recipe.setup()
             while recipe.train_epoch():
                 pass
-            run = recipe.finish(evaluate_test=False)  # the test split is never used to choose
+            # the test split is never used to choose; no per-trial report (seconds of plotting per trial) where
+            # the recipe lets it be skipped, and _slim removes it where it does not
+            skip_report = {"report": False} if "report" in inspect.signature(recipe.finish).parameters else {}
+            run = recipe.finish(evaluate_test=False, **skip_report)
         finally:
             _slim(run_dir)
         info = getattr(run, "info", None) or {}
