@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt
-	$(BIN)/pip install -e ".[inference,serve,dev]"
+	$(BIN)/pip install -e ".[inference,serve,dev,search]"
 	touch $(STAMP)
 
 setup: $(STAMP)
