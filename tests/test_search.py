@@ -80,10 +80,12 @@ def test_space_parsed_from_yaml_and_shown_by_print_config(tmp_path):
     assert cfg.search.n_trials == 7 and list(cfg.search.space) == ["learning_rate", "target_modules", "lora_layers"]
     assert cfg.search.space["learning_rate"].log and cfg.search.space["lora_layers"].choices == [[-1], None]
     result = CliRunner().invoke(app, ["search", str(tmp_path / "s.yaml"), "--n-trials", "3", "--lora-alpha", "32",
-                                      "--out", str(tmp_path / "x"), "--print-config"])
+                                      "--out", str(tmp_path / "x"), "--time-budget-minutes", "5", "--print-config"])
     assert result.exit_code == 0, result.output
     shown = Config.model_validate(yaml.safe_load(result.output))
     assert shown.search.n_trials == 3 and shown.search.search_dir == str(tmp_path / "x")
+    # in a search, --time-budget-minutes bounds the study, not each trial
+    assert shown.search.timeout_minutes == 5 and shown.train.time_budget_minutes is None
     assert shown.model.lora_alpha == 32 and shown.search.space == cfg.search.space
     # the default space is the seed's: lr on a log scale, batch, accumulation, decay, r, alpha, dropout, where
     assert set(search_config().search.space) == {"learning_rate", "batch_size", "grad_accum_steps", "weight_decay",
