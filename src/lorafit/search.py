@@ -21,14 +21,13 @@ import json
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .config import DEFAULT_SEARCH_SPACE, SEARCH_FIELDS, Config, ModelConfig, ParamSpec, SearchConfig
 from .errors import LorafitError
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text
 
 SPACE_ATTR = "lorafit_search_space"  # study user attribute: the space a study was created with
 RUN_DIR_ATTR = "run_dir"
@@ -406,9 +405,8 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
     counter = ParamCounter(cfg.model, label_names)
     if recipe_factory is None:
         from .train import TrainingRecipe as recipe_factory
-    from rich.console import Console as _Console
 
-    quiet = _Console(quiet=True)  # one live display at a time: trials train silently under the study's bar
+    quiet = Console(quiet=True)  # one live display at a time: trials train silently under the study's bar
     objective = Objective(cfg, study_dir, counter, recipe_factory, quiet)
 
     with _no_experimental_warnings():
@@ -418,7 +416,7 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
                   f"{s.n_trials} trials done; metric validation {cfg.train.metric_for_best}; space: "
                   f"{_describe_space(s.space)}", highlight=False, soft_wrap=True)
     if remaining > 0:
-        with _quiet_optuna(), _StudyProgress(console, s.n_trials, objective.maximize) as progress:
+        with _StudyProgress(console, s.n_trials) as progress:
             progress.update(study)
 
             def after_trial(study_, trial) -> None:
@@ -437,26 +435,12 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
     return write_outputs(cfg, study, study_dir, console)
 
 
-@contextlib.contextmanager
-def _quiet_optuna():
-    """Optuna logs one INFO line per trial; the progress bar says it better. Restored on exit."""
-    import optuna
-
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(level)
-
-
 class _StudyProgress:
     """Rich progress bar over the study: trials finished (all workers), best so far, time left."""
 
-    def __init__(self, console, total: int, maximize: bool):
+    def __init__(self, console, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.maximize = maximize
         self.progress = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                                  console=console, transient=False)
@@ -476,15 +460,8 @@ class _StudyProgress:
         self.progress.update(self.task, completed=len(_finished(study)), info=info)
 
     def trial_done(self, study, trial) -> None:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        what = f"{trial.values[0]:.4f}" if trial.values else trial.state.name.lower()
-        note = " over budget" if trial.user_attrs.get("over_budget") else ""
-        self.progress.console.print(f"trial {trial.number}: {what}{note}  ({params})", highlight=False, soft_wrap=True)
+        # Optuna itself logs each trial's result (value, pruned with the reason, failed); the bar counts them
         self.update(study)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------
