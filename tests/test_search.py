@@ -185,7 +185,8 @@ def test_outputs_and_resume_continue_the_same_study(base):
     assert csv.count("\n") == 5 and "user_attrs_trainable_params" in csv
     html = (d / "search_report.html").read_text()
     assert "data:image/png;base64," in html and "src='plots/" not in html  # self-contained
-    assert "optimization_history.png" in (d / "search_report.md").read_text()
+    md = (d / "search_report.md").read_text()
+    assert "optimization_history.png" in md and "params_vs_metric_1.png" in md
 
 
 def test_a_study_with_another_space_is_refused(base):

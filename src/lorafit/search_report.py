@@ -28,8 +28,9 @@ def _figure_png(draw) -> bytes:
         axes = ax.ravel() if hasattr(ax, "ravel") else [ax]
         fig = axes[0].figure
         try:
-            fig.set_size_inches(max(6.4, 3.2 * len(axes)), 4.2)
-            fig.tight_layout()
+            fig.set_size_inches(max(6.4, 4.0 * len(axes)), 4.2)
+            if len(axes) == 1:  # a multi-panel slice plot has a colorbar that tight_layout would overlap
+                fig.tight_layout()
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=100)
             return buf.getvalue()
@@ -46,11 +47,16 @@ def draw_plots(study, out_dir: Path, metric: str) -> tuple[list[tuple[str, str]]
                                      lambda: ovm.plot_optimization_history(study, target_name=target_name)),
         "param_importances.png": ("Parameter importances (fANOVA over the completed trials)",
                                   lambda: ovm.plot_param_importances(study, target_name=target_name)),
-        "params_vs_metric.png": ("Each parameter against the validation metric",
-                                 lambda: ovm.plot_slice(study, target_name=target_name)),
         "intermediate_values.png": ("Validation metric at each evaluation (pruned trials stop early)",
                                     lambda: ovm.plot_intermediate_values(study)),
     }
+    # each parameter against the metric, three to a figure so the panels stay readable
+    names = sorted({k for t in study.trials for k in t.params})
+    for i in range(0, len(names), 3):
+        group = names[i:i + 3]
+        plots[f"params_vs_metric_{i // 3 + 1}.png"] = (
+            f"Validation metric against {', '.join(group)} (colour: trial number)",
+            lambda group=group: ovm.plot_slice(study, params=group, target_name=target_name))
     drawn, problems = [], []
     for name, (caption, draw) in plots.items():
         try:
