@@ -48,15 +48,14 @@ VARIANTS = {  # name: the one path switched off
 def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from lorafit.config import Config
     from lorafit.data import Collator, EncodedDataset, LengthGroupedBatches, load_data
-    from lorafit.model import FastDropout, load_tokenizer, prepare_model
+    from lorafit.model import load_tokenizer, prepare_model
     from lorafit.frozen import frozen_linears
     from lorafit.prefix_cache import FrozenPrefix
-    from lorafit.train import (_calibrate_int8, _param_groups, encode_splits, frozen_mode, resolve_precision,
-                               training_attention)
+    from lorafit.train import (_calibrate_int8, _param_groups, encode_splits, fast_dropout, frozen_mode,
+                               resolve_precision, training_attention)
 
     off = VARIANTS[name]
     cfg = Config().with_overrides({"max_train_samples": rows})
@@ -69,11 +68,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     tok = load_tokenizer(cfg.model.model)
     enc = encode_splits(bundle, tok, cfg)["train"]
     model, _ = prepare_model(cfg.model, len(bundle.label_names), bundle.label_names)
-    if off == "fast_dropout":
-        for module in list(model.modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, FastDropout):
-                    setattr(module, child_name, nn.Dropout(child.p))
+    if off != "fast_dropout":  # the recipe's train.fast_dropout path, entered for the rest of the process
+        fast_dropout(model).__enter__()
     precision = resolve_precision("auto", "cpu")
     mode = frozen_mode(cfg, precision, "cpu")
     applies = {"frozen_bf16": mode == "bf16", "frozen_int8": mode == "int8", "fused_lora": precision == "fp32"}

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ABLATIONS = {
     "lorafit": {},
     "lorafit-fp32": {"precision": "fp32"},  # on a CPU without bf16 units this is the default's own precision
-    "lorafit-no-int8": {"int8_frozen_weights": False},  # fp32 training only: the frozen weights in fp32
+    "lorafit-int8": {"int8_frozen_weights": True},  # fp32 training only: the frozen weights' matmuls in int8
     "lorafit-top3": {"lora_layers": [-3, -2, -1]},  # adapters on the top 3 layers instead of 2
     "lorafit-no-cache": {"cache_frozen_prefix": False},
     "lorafit-no-grouping": {"group_by_length": False},

@@ -1,4 +1,6 @@
-"""Resume after SIGKILL gives the same final metrics and weights as an uninterrupted run."""
+"""Resume after SIGKILL gives the same final metrics, weights and metrics.jsonl as an uninterrupted run: mid-epoch,
+and at an epoch boundary with whole epochs still to run, with the frozen-prefix cache on and off. The process is
+killed from outside, as a crash would: the test waits until a given checkpoint exists, then sends SIGKILL."""
 
 import json
 import os
@@ -6,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,71 +16,131 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 
-
-def _train_cli(cfg_path, env=None, extra=()):
-    return subprocess.run([sys.executable, "-m", "lorafit.cli", "train", str(cfg_path), *extra],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def _weights(run_dir):
-    return load_file(run_dir / "model" / "adapter_model.safetensors")
+def _train_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", "train", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds (polled every 10 ms); return how it ended."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def checkpoint_exists(run: Path, step: int):
+    return lambda: (run / "checkpoints" / f"step-{step:06d}" / "state.json").is_file()
+
+
+def latest_checkpoint_state(run: Path) -> dict:
+    from lorafit.checkpoint import list_checkpoints
+
+    return json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields, which no two runs share."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "time")} for r in rows]
+
+
+def assert_same_run(ref: Path, got: Path):
+    ref_metrics = json.loads((ref / "test_metrics.json").read_text())
+    got_metrics = json.loads((got / "test_metrics.json").read_text())
+    assert got_metrics["accuracy"] == ref_metrics["accuracy"]
+    assert got_metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5, abs=1e-6)
+    a = load_file(ref / "model" / "adapter_model.safetensors")
+    b = load_file(got / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ref_rows, got_rows = metric_rows(ref), metric_rows(got)
+    assert [(r["type"], r.get("split"), r["step"]) for r in got_rows] == [
+        (r["type"], r.get("split"), r["step"]) for r in ref_rows]  # each step once, as in the reference run
+    for r, g in zip(ref_rows, got_rows):
+        assert g.keys() == r.keys()
+        for k in r:
+            if isinstance(r[k], float):
+                assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (r["type"], r["step"], k)
+            else:
+                assert g[k] == r[k], (r["type"], r["step"], k)
 
 
 @pytest.fixture(scope="module")
 def resume_config(tiny_model_dir, tmp_path_factory):
-    def make(name):
+    def make(name, **overrides):
         out = tmp_path_factory.mktemp(name)
-        cfg = tiny_config(tiny_model_dir("bert"), out, pooling="cls", epochs=2, max_train_samples=160,
-                          checkpoint_every=3, keep_checkpoints=2, eval_every=4, lora_dropout=0.1)
+        values = dict(pooling="cls", epochs=2, max_train_samples=160, checkpoint_every=3, keep_checkpoints=2,
+                      eval_every=4, lora_dropout=0.1, num_threads=1)
+        values.update(overrides)
+        cfg = tiny_config(tiny_model_dir("bert"), out, **values)
         cfg.to_yaml(out / "config.yaml")
         return out
 
     return make
 
 
-def test_sigkill_then_resume_matches_uninterrupted(resume_config):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(resume_config):
+    import lorafit
+
     ref_dir = resume_config("ref")
-    done = _train_cli(ref_dir / "config.yaml")
-    assert done.returncode == 0, done.stderr[-2000:]
+    lorafit.train(str(ref_dir / "config.yaml"))  # in this process: the same numbers, a process start saved
 
     killed_dir = resume_config("killed")
-    killed = _train_cli(killed_dir / "config.yaml", env={"LORAFIT_TEST_KILL_AFTER_STEP": "13"})
-    assert killed.returncode == -signal.SIGKILL
     run = killed_dir / "run"
+    # 10 steps an epoch, checkpoints every 3 steps and at the epoch end: step 12 is mid-way through epoch 2
+    killed = kill_when([sys.executable, "-m", "lorafit.cli", "train", str(killed_dir / "config.yaml")],
+                       checkpoint_exists(run, 12))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert not (run / "model").exists() and not (run / "test_metrics.json").exists()
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert ckpts == ["step-000010", "step-000012"]  # every 3 steps and at the epoch end (10 steps), keep 2
+    assert latest_checkpoint_state(run)["batches_done"] > 0  # resuming inside an epoch
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "lorafit.cli", "train", "--resume", str(run)], capture_output=True, text=True,
-        timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    resumed = _train_cli("--resume", run)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["resumed"] is True
+    assert_same_run(ref_dir / "run", run)
 
-    ref_metrics = json.loads((ref_dir / "run" / "test_metrics.json").read_text())
-    got_metrics = json.loads((run / "test_metrics.json").read_text())
-    assert got_metrics["accuracy"] == ref_metrics["accuracy"]
-    assert got_metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5, abs=1e-6)
-    a, b = _weights(ref_dir / "run"), _weights(run)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    # the metrics log has each step once, as in the reference run
-    steps = lambda d: [(r["type"], r.get("split"), r["step"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
-    assert steps(run) == steps(ref_dir / "run")
+
+@pytest.mark.parametrize("cache", [True, False], ids=["prefix-cache", "no-cache"])
+def test_sigkill_at_an_epoch_boundary_then_resume_matches_uninterrupted(resume_config, cache):
+    """The defect this guards: a resumed process replayed an earlier epoch's batch order in the epochs after it."""
+    import lorafit
+    from lorafit.train import resume
+
+    # LoRA on the top layer only, so the prefix cache covers layer 0 when it is on; checkpoints at epoch ends only
+    settings = dict(epochs=3, lora_layers=[-1], checkpoint_every=None, eval_every=None, cache_frozen_prefix=cache)
+    ref_dir = resume_config("ref-epoch", **settings)
+    ref = lorafit.train(str(ref_dir / "config.yaml"))
+    assert ref.info["prefix_cache_from_layer"] == (1 if cache else None)
+    steps_per_epoch = ref.info["steps"] // 3
+
+    killed_dir = resume_config("killed-epoch", **settings)
+    run = killed_dir / "run"
+    killed = kill_when([sys.executable, "-m", "lorafit.cli", "train", str(killed_dir / "config.yaml")],
+                       checkpoint_exists(run, steps_per_epoch))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = latest_checkpoint_state(run)
+    assert state["batches_done"] == 0 and state["step"] <= ref.info["steps"] - steps_per_epoch  # a whole epoch to go
+
+    resumed = resume(run)
+    assert resumed.info["resumed"] is True
+    assert_same_run(ref.path, run)
 
 
 def test_sigterm_saves_a_checkpoint_and_marks_interrupted(resume_config):
-    out = resume_config("term")
-    cfg_path = out / "config.yaml"
-    text = cfg_path.read_text().replace("epochs: 2.0", "epochs: 400.0").replace("checkpoint_every: 3", "checkpoint_every: 100000")
-    cfg_path.write_text(text)
-    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(cfg_path)],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    out = resume_config("term", epochs=400, checkpoint_every=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(out / "config.yaml")],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = out / "run"
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():

@@ -175,6 +175,10 @@ class TrainConfig(_Section):
         200, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at each epoch end)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        ["none"], description="Experiment trackers that also receive the metrics (through Accelerate): TensorBoard "
+        "under <run>/tensorboard, W&B (offline without an API key), MLflow (where MLFLOW_TRACKING_URI points)."
+    )
 
 
 class OutputConfig(_Section):

@@ -87,25 +87,58 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"  # MPS autocast covers few ops; fp32 is the safe default there
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator (device, process group, DDP) and lorafit's resolved precision.
+def make_accelerator(cfg: Config, run_dir: Optional[Path] = None):
+    """The Accelerator (device, process group, DDP, trackers) and lorafit's resolved precision.
 
     Accelerate holds its mixed precision in one process-wide state that a second Accelerator may not change
     (a notebook or a sweep training twice with other precisions), and resetting it needs private API. So the
     Accelerator always runs with mixed_precision="no" and lorafit applies the precision itself through
     torch.autocast and, for fp16, torch.amp.GradScaler (TrainingRecipe.autocast)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
 
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if device == "cpu":
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-    # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every rank;
-    # broadcasting them each forward is wasted work, and with the frozen-prefix cache the modules that own them
-    # are swapped out during the forward
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no",
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    trackers = trackers_of(cfg)
+    # broadcast_buffers off: the only buffers are frozen (position ids, token types) and equal on every process.
+    # With the frozen-prefix cache the embeddings that own them are swapped out during the forward, and DDP's
+    # per-forward buffer broadcast then fails on an empty list (`!tensors.empty() INTERNAL ASSERT FAILED`).
+    # (torch 2.13 deprecates the name for forward_sync_buffers, which Accelerate's kwargs do not offer yet.)
+    accelerator = Accelerator(
+        cpu=device == "cpu", mixed_precision="no",
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+        if run_dir is not None else None,
+    )
     return accelerator, precision
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def trackers_of(cfg: Config) -> list[str]:
+    """train.report_to without 'none'; a tracker whose package is missing is one clear line, before training."""
+    import importlib.util
+
+    chosen = [t for t in cfg.train.report_to if t != "none"]
+    for tracker in chosen:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise LorafitError(f"train.report_to: {tracker} is not installed; pip install {tracker} (or "
+                               f"'lorafit[tracking]'), or drop it from --report-to")
+    return chosen
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as section.name -> scalar, as trackers' hyperparameter tables take it."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for name, value in values.items():
+            out[f"{section}.{name}"] = (",".join(map(str, value)) if isinstance(value, list)
+                                        else "none" if value is None else value)
+    return out
 
 
 def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
@@ -148,6 +181,9 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
     dropped = {}
     for name in ("train", "validation", "test"):
         split = getattr(bundle, name)
+        if len(split.texts) == 0:  # --validation-size 0: no validation split
+            encoded[name] = Encoded([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            continue
         enc = encode(tokenizer, split.texts, cfg.data.max_length, split.labels)
         bundle.summary.setdefault("token_lengths", {})[name] = length_stats(enc.full_lengths, cfg.data.max_length)
         if name != "test":  # the test set is what it is: filtering it would flatter the score
@@ -167,7 +203,8 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
 # --- the recipe ----------------------------------------------------------------------------------------
 # Options that may change when resuming: they do not alter the data, the model or the optimizer.
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "time_budget_minutes", "eval_every", "log_every", "checkpoint_every",
-                       "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size"}
+                       "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size",
+                       "report_to"}
 
 
 def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, callbacks: Sequence[Any] = (),
@@ -213,9 +250,11 @@ class LoopState:
     real_tokens: int = 0
     padded_tokens: int = 0
     train_time: float = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
-    loss_sum: float = 0.0  # the logging window: summed batch losses, batches, correct predictions, rows
+    # the logging window: batches and rows here; the loss and correct-prediction sums live in
+    # TrainingRecipe._window (a device tensor: no sync per step) and are copied here by save_checkpoint
+    loss_sum: float = 0.0
     loss_count: int = 0
-    correct: int = 0
+    correct: float = 0.0
     seen: int = 0
     stop_reason: str = "completed"
 
@@ -223,7 +262,7 @@ class LoopState:
     def from_checkpoint(cls, saved: dict[str, Any], main: bool) -> "LoopState":
         state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
         if not main:  # the window sums are global and live on the main process (see above)
-            state.loss_sum, state.loss_count, state.correct, state.seen = 0.0, 0, 0, 0
+            state.loss_sum, state.loss_count, state.correct, state.seen = 0.0, 0, 0.0, 0
         return state
 
 
@@ -300,32 +339,49 @@ class TrainingRecipe:
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> None:
+        from accelerate import PartialState
+
         threads = torch.get_num_threads()
         self._cleanup.callback(torch.set_num_threads, threads)  # make_accelerator sets the CPU threads
-        self.accelerator, self.precision = make_accelerator(self.cfg)
-        self.main = self.accelerator.is_main_process
+        device = resolve_device(self.cfg.train.device)
+        self.precision = resolve_precision(self.cfg.train.precision, device)
+        trackers_of(self.cfg)  # a missing tracker package fails here, before any work
+        self.process = PartialState(cpu=device == "cpu")  # the process group; the Accelerator follows the run dir
+        self.main = self.process.is_main_process
         self.console = self.console or _console(self.main)
         self._resume_from = resume_from
         with self._failures_recorded():
             self._setup(run_dir, resume_from)
 
     def _setup(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> None:
-        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        cfg, t = self.cfg, self.cfg.train
         from accelerate.utils import set_seed
 
+        if self.process.device.type == "cpu":  # before tokenising and building the model, as make_accelerator would
+            torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
         set_seed(t.seed)
         self.bundle, self.tokenizer, self.encoded = self._data()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         set_seed(t.seed)  # the head's initialisation does not depend on how much data loading drew
         model, self.model_info = prepare_model(cfg.model, len(self.bundle.label_names), self.bundle.label_names)
         self.run_dir = self._open_run_dir(run_dir, resume_from)
+        self.accelerator, _ = make_accelerator(cfg, self.run_dir)
+        acc = self.accelerator
+        if self.accelerator.log_with:
+            init = {"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}, "mlflow": {"run_name": self.run_dir.name}}
+            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                init["wandb"]["mode"] = "offline"  # no account configured: log to <run>/wandb, sync later
+            self.accelerator.init_trackers("lorafit", config=flat_config(cfg), init_kwargs=init)
+            self._cleanup.callback(self.accelerator.end_training)
 
         train_enc = self.encoded["train"]
         order = LengthGroupedBatches([len(x) for x in train_enc.input_ids], t.batch_size * acc.num_processes, t.seed,
                                      t.group_by_length)
         self.sampler = ProcessBatches(order, acc.process_index, acc.num_processes)
+        # the loader gets its own generator so creating an iterator never draws from the global RNG (exact resume)
         self.loader = torch.utils.data.DataLoader(EncodedDataset(train_enc), batch_sampler=self.sampler,
-                                                  collate_fn=Collator(self.pad_id, t.pad_to_multiple_of))
+                                                  collate_fn=Collator(self.pad_id, t.pad_to_multiple_of),
+                                                  generator=torch.Generator().manual_seed(t.seed))
         self.steps_per_epoch = math.ceil(len(self.sampler) / t.grad_accum_steps)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
@@ -351,6 +407,9 @@ class TrainingRecipe:
             saved, self.best_state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
                                                      self.scaler, process_index=acc.process_index)
             self.state = LoopState.from_checkpoint(saved, self.main)
+            if self.state.loss_count:
+                self._window = torch.tensor([self.state.loss_sum, self.state.correct], dtype=torch.float64,
+                                            device=acc.device)
             if self.main:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         if self.main:
@@ -389,7 +448,7 @@ class TrainingRecipe:
                 run_dir = new_run_dir(self.cfg) if resume_from is None else run_dir
             except LorafitError as exc:
                 problem = str(exc)
-        if self.accelerator.num_processes > 1:  # every process must leave here together, even on an error
+        if self.process.num_processes > 1:  # every process must leave here together, even on an error
             run_dir, problem = broadcast_object_list([str(run_dir) if run_dir else None, problem])
         if problem:
             raise LorafitError(problem)
@@ -406,12 +465,12 @@ class TrainingRecipe:
                 k: getattr(self.bundle, k).source_rows.tolist() for k in ("train", "validation", "test")})
             self.tokenizer.save_pretrained(run_dir / "tokenizer")
             self.record.update(precision=self.precision, frozen_weights=self._frozen_mode() or "fp32",
-                               device=str(self.accelerator.device), num_processes=self.accelerator.num_processes,
+                               device=str(self.process.device), num_processes=self.process.num_processes,
                                model=self.model_info.as_dict(), data_sizes=self.bundle.summary["sizes"])
         return run_dir
 
     def _frozen_mode(self) -> Optional[str]:
-        return frozen_mode(self.cfg, self.precision, self.accelerator.device.type)
+        return frozen_mode(self.cfg, self.precision, self.process.device.type)
 
     def _frozen_prefix(self) -> None:
         """Cache the frozen lower layers' output for every split when only top layers train (see prefix_cache)."""
@@ -576,7 +635,9 @@ class TrainingRecipe:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        window = torch.stack([loss.detach().float(), (logits.argmax(-1) == batch["labels"]).sum().float()])
+        # summed in float64 in the order of the steps, continued from a checkpoint's sums: a resumed run logs the
+        # uninterrupted run's numbers exactly
+        window = torch.stack([loss.detach(), (logits.argmax(-1) == batch["labels"]).sum()]).double()
         self._window = window if self._window is None else self._window + window
         st.loss_count += 1
         st.seen += len(batch["labels"])
@@ -586,19 +647,16 @@ class TrainingRecipe:
 
     def _window_totals(self) -> tuple[float, int, float, int]:
         """The logging window's (loss sum, batches, correct, rows) over every process."""
-        st = self.state
-        acc = self.accelerator
-        here = torch.tensor([st.loss_sum, st.loss_count, st.correct, st.seen], dtype=torch.float64)
+        st, acc = self.state, self.accelerator
+        here = torch.tensor([0.0, st.loss_count, 0.0, st.seen], dtype=torch.float64)
         if self._window is not None:
-            here[0] += float(self._window[0])
-            here[2] += float(self._window[1])
+            here[0], here[2] = self._window.cpu()
         total = acc.reduce(here.to(acc.device), "sum").cpu() if acc.num_processes > 1 else here
         return float(total[0]), int(total[1]), float(total[2]), int(total[3])
 
     def _reset_window(self) -> None:
-        st = self.state
         self._window = None
-        st.loss_sum, st.loss_count, st.correct, st.seen = 0.0, 0, 0, 0
+        self.state.loss_count = self.state.seen = 0
 
     def _log_training(self) -> None:
         st, acc = self.state, self.accelerator
@@ -613,9 +671,15 @@ class TrainingRecipe:
         if self.main:
             self.log.write(type="train", step=st.step, epoch=self._epoch_position(), loss=mean_loss,
                            accuracy=round(accuracy, 6), lr=lr, samples_per_s=round(sps, 2))
+        self._track("train", {"loss": mean_loss, "accuracy": accuracy, "lr": lr, "samples_per_s": sps})
         self.progress.update(self._task, completed=st.step,
                              info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
         self._reset_window()
+
+    def _track(self, split: str, values: dict[str, float]) -> None:
+        """Send a metrics row to the trackers of train.report_to (Accelerate logs from the main process only)."""
+        if self.accelerator.log_with:
+            self.accelerator.log({f"{split}/{k}": v for k, v in values.items()}, step=self.state.step)
 
     def _agree(self, flags: dict[str, bool]) -> dict[str, bool]:
         """A stop decision holds for every process if it holds for one: no process may stop while another
@@ -664,6 +728,8 @@ class TrainingRecipe:
             self.progress.console.print(
                 f"step {st.step} epoch {self._epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
                 f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}")
+        self._track("validation", scalar_metrics(m))
+        if self.main:
             for callback in self.callbacks:
                 if hasattr(callback, "on_evaluate"):
                     callback.on_evaluate(self, "validation", st.step, m)
@@ -683,7 +749,7 @@ class TrainingRecipe:
         if not self.main:
             return None
         saved = asdict(self.state)
-        saved.update(loss_sum=loss_sum, loss_count=batches, correct=int(correct), seen=rows)
+        saved.update(loss_sum=loss_sum, loss_count=batches, correct=correct, seen=rows)
         return save_checkpoint(self.run_dir, self.state.step, self.unwrapped, self.optimizer, self.scheduler,
                                self.scaler, saved, self.best_state, self.cfg.train.keep_checkpoints, rngs=rngs)
 
@@ -706,6 +772,7 @@ class TrainingRecipe:
                 self.log.write(type="eval", split="test", step=st.step,
                                epoch=round(st.step / self.steps_per_epoch, 4), **scalar_metrics(test_metrics),
                                per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
+            self._track("test", scalar_metrics(test_metrics))
         if self.log is not None:
             self.log.close()
         self._cleanup.close()  # the model's plain forward back before it is saved
@@ -716,7 +783,8 @@ class TrainingRecipe:
                 atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
                 _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
             self.record.update(status="completed", finished_at=_now(), **info)
-            _report_if_available(self.run_dir, self.console)
+            if evaluate_test:  # the report is built around the test results
+                _report_if_available(self.run_dir, self.console)
             self._print_result(info, test_metrics)
         acc.wait_for_everyone()  # when train() returns on any process, the run directory is complete
         return Run(self.run_dir, self.cfg, test_metrics, info)

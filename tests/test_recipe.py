@@ -1,0 +1,128 @@
+"""TrainingRecipe's interface as other code uses it: the step-by-step calls, callbacks, reuse across recipes,
+no test evaluation, two precisions in one process, no validation split; global state left as it was."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lorafit.train import TrainingRecipe
+
+
+def _cfg(tiny_model_dir, out, **overrides):
+    values = dict(pooling="cls", epochs=1, max_train_samples=64, max_eval_samples=40, lora_layers=[-1], num_threads=1)
+    values.update(overrides)
+    return tiny_config(tiny_model_dir("bert"), out, **values)
+
+
+class Recorder:
+    def __init__(self, fail_at=None):
+        self.calls = []
+        self.fail_at = fail_at
+
+    def on_evaluate(self, recipe, split, step, metrics):
+        self.calls.append((split, step, metrics["accuracy"]))
+        if step == self.fail_at:
+            raise RuntimeError("pruned by the callback")
+
+
+def test_step_by_step_with_callbacks_and_no_test_evaluation(tiny_model_dir, tmp_path):
+    recorder = Recorder()
+    recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path, epochs=2, eval_every=3), callbacks=[recorder])
+    recipe.setup()
+    epochs = 0
+    while recipe.train_epoch():
+        epochs += 1
+    assert epochs == 1 and recipe.state.epoch == 2 and recipe.state.step == 8  # 4 steps an epoch
+    assert [(s, step) for s, step, _ in recorder.calls] == [("validation", 3), ("validation", 4), ("validation", 6),
+                                                           ("validation", 8)]
+    metrics = recipe.evaluate("validation")
+    assert metrics["accuracy"] == recorder.calls[-1][2]
+    run = recipe.finish(evaluate_test=False)
+    assert run.test_metrics == {}
+    assert not (run.path / "test_metrics.json").exists() and not (run.path / "test_predictions.csv").exists()
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["status"] == "completed" and (run.path / "model").is_dir()
+    assert info["speed_paths"] == {"prefix_cache": True, "prefix_cache_from_layer": 1, "frozen_weights": "fp32",
+                                   "fused_lora": True, "fast_dropout": True, "attention_kernel": "math"}
+    train_rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()
+                  if '"train"' in line]
+    assert train_rows and all(0 <= r["accuracy"] <= 1 for r in train_rows)
+
+
+def test_a_callback_error_ends_the_run_as_failed_and_state_is_restored(tiny_model_dir, tmp_path):
+    threads = torch.get_num_threads()
+    recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path, eval_every=2), callbacks=[Recorder(fail_at=2)])
+    recipe.setup()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="pruned"):
+        recipe.train_epoch()  # trains although the caller disabled grad ...
+    info = json.loads((recipe.run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and "pruned by the callback" in info["error"]
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads  # ... and leaves both as they were
+    assert not any(type(m).__name__ == "FastDropout" for m in recipe.unwrapped.modules())  # speed paths undone
+
+
+def test_reuse_skips_tokenising_and_the_prefix_and_gives_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    train_module = importlib.import_module("lorafit.train")  # the module; lorafit.train is the function
+    from lorafit.prefix_cache import FrozenPrefix
+
+    counts = {"encode": 0, "prefix": 0}
+    real_encode, real_compute = train_module.encode, FrozenPrefix.compute
+
+    def encode(*args, **kwargs):
+        counts["encode"] += 1
+        return real_encode(*args, **kwargs)
+
+    def compute(self, *args, **kwargs):
+        counts["prefix"] += 1
+        return real_compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode", encode)
+    monkeypatch.setattr(FrozenPrefix, "compute", compute)
+    reuse: dict = {}
+    first = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="a"), reuse=reuse)
+    assert counts == {"encode": 3, "prefix": 3}
+    second = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="b"), reuse=reuse)
+    assert counts == {"encode": 3, "prefix": 3}  # nothing tokenised or computed again
+    assert second.test_metrics["loss"] == first.test_metrics["loss"]
+    a = json.loads((first.path / "metrics.jsonl").read_text().splitlines()[-1])
+    b = json.loads((second.path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == b["loss"]
+    third = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="c", max_length=40), reuse=reuse)
+    assert counts == {"encode": 6, "prefix": 6} and third.path.name == "c"  # another key: computed afresh
+
+
+def test_two_precisions_in_one_process(tiny_model_dir, tmp_path):
+    """Accelerate's process-wide state must not refuse the second run's precision (no private reset needed)."""
+    from lorafit.train import train
+
+    fp32 = train(_cfg(tiny_model_dir, tmp_path, run_name="fp32", precision="fp32"))
+    bf16 = train(_cfg(tiny_model_dir, tmp_path, run_name="bf16", precision="bf16"))
+    again = train(_cfg(tiny_model_dir, tmp_path, run_name="fp32-again", precision="fp32"))
+    assert json.loads((bf16.path / "run.json").read_text())["precision"] == "bf16"
+    assert json.loads((again.path / "run.json").read_text())["precision"] == "fp32"
+    assert again.test_metrics["loss"] == fp32.test_metrics["loss"]  # no precision left over from the bf16 run
+    assert bf16.test_metrics["loss"] != fp32.test_metrics["loss"]
+
+
+def test_without_a_validation_split_the_last_weights_are_kept(tiny_model_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    train_module = importlib.import_module("lorafit.train")  # the module; lorafit.train is the function
+    from lorafit.data import Split
+
+    real = train_module.load_data
+
+    def no_validation(cfg, seed):  # what --validation-size 0 gives (data.py)
+        bundle = real(cfg, seed)
+        bundle.validation = Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return bundle
+
+    monkeypatch.setattr(train_module, "load_data", no_validation)
+    run = train_module.train(_cfg(tiny_model_dir, tmp_path, eval_every=2))
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["status"] == "completed" and info["weights"] == "last (no validation split)"
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r.get("split") == "validation"] and rows[-1]["split"] == "test"
