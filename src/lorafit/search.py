@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -221,10 +222,20 @@ def open_storage(url: str, heartbeat_seconds: int):
         kwargs["connect_args"] = {"timeout": 60}
     else:
         kwargs["pool_pre_ping"] = True
+    from sqlalchemy.exc import IntegrityError
+
     try:
-        with _no_experimental_warnings():
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
-                                              grace_period=2 * heartbeat_seconds)
+        for attempt in range(5):
+            try:
+                with _no_experimental_warnings():
+                    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
+                                                      grace_period=2 * heartbeat_seconds)
+            except IntegrityError:
+                # workers started together on an empty database race to create Optuna's tables; the loser
+                # finds them made on its next attempt
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend; all mean "cannot open"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LorafitError(f"--storage {_redact(url)}: cannot open the study storage ({type(exc).__name__}: {first}); "
