@@ -300,7 +300,8 @@ def _finished(study, running: bool = False) -> list:
     from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
-    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("over_budget")]
+    return [t for t in study.get_trials(deepcopy=False, states=states)
+            if not t.user_attrs.get("over_budget") and not t.user_attrs.get("surplus")]
 
 
 def _over_budget(study) -> int:
@@ -359,6 +360,13 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        # two workers finishing at once may both start a trial past n_trials; trial numbers are unique, so the
+        # later one sees the earlier and gives way before training
+        earlier = [t for t in _finished(trial.study, running=True) if t.number < trial.number]
+        if len(earlier) >= self.cfg.search.n_trials:
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise optuna.TrialPruned(f"the study already has its {self.cfg.search.n_trials} trials")
         params = suggest(trial, self.cfg.search.space)
         cfg = trial_config(self.cfg, params, self.study_dir / TRIALS_DIR, trial.number)
         trainable = self.counter.count(cfg.model)

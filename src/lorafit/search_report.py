@@ -71,7 +71,8 @@ def trials_table(study) -> list[list[Any]]:
     names = list(dict.fromkeys(k for t in study.trials for k in t.params))
     rows = [["trial", "state", "value", "trainable params", "seconds", *names, "run"]]
     for t in study.trials:
-        state = "over budget" if t.user_attrs.get("over_budget") else t.state.name.lower()
+        state = ("over budget" if t.user_attrs.get("over_budget") else "not needed" if t.user_attrs.get("surplus")
+                 else t.state.name.lower())
         seconds = f"{t.duration.total_seconds():.0f}" if t.duration else ""
         value = f"{t.value:.4f}" if t.value is not None else ""
         params = [_fmt(t.params.get(k, "")) for k in names]
