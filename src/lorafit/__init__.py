@@ -15,6 +15,7 @@ from .errors import LorafitError  # noqa: E402
 # Imported eagerly: binding the functions here keeps `lorafit.train` the function, not the submodule of
 # the same name that Python would otherwise set as an attribute on first import.
 from .predict import Classifier, load  # noqa: E402
+from .search import search  # noqa: E402
 from .train import Run, train  # noqa: E402
 
-__all__ = ["Classifier", "Config", "LorafitError", "Run", "load", "train", "__version__"]
+__all__ = ["Classifier", "Config", "LorafitError", "Run", "load", "search", "train", "__version__"]

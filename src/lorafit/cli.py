@@ -158,6 +158,61 @@ app.command(
 )(_train)
 
 
+# --- search: the train options fix what is not searched, plus the search section's own ---------------------
+def _search_signature() -> inspect.Signature:
+    from .config import SEARCH_FIELDS, SearchConfig
+
+    params = []
+    for p in _train_signature().parameters.values():
+        if p.name == "resume":
+            continue
+        if p.name == "time_budget_minutes":  # the flag: in a search it bounds the study, not each trial
+            p = p.replace(default=typer.Option(None, "--time-budget-minutes", metavar="FLOAT", show_default=False,
+                                               rich_help_panel="search", help="Stop starting trials after this many "
+                                               "minutes (search.timeout_minutes; a per-trial budget goes in YAML)."))
+        params.append(p)
+    aliases = {"search_dir": ["--out"]}
+    for name in SEARCH_FIELDS:
+        field = SearchConfig.model_fields[name]
+        if name == "timeout_minutes":
+            continue
+        option = typer.Option(None, "--" + name.replace("_", "-"), *aliases.get(name, []), rich_help_panel="search",
+                              help=_help(field, field.default), show_default=False, metavar=_metavar(field.annotation))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=option))
+    return inspect.Signature(params)
+
+
+@cli_errors
+def _search(config_file: Optional[Path] = None, print_config: bool = False, **flags):
+    from .config import SEARCH_FIELDS, SearchConfig
+    from .search import search, search_config
+
+    flags["timeout_minutes"] = flags.pop("time_budget_minutes", None)
+    overrides = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in SEARCH_FIELDS:
+            optional = _is_optional(SearchConfig.model_fields[name].annotation)
+            overrides[name] = None if optional and str(value).strip().lower() in ("none", "null") else value
+        else:
+            overrides[name] = parse_flag(name, value)
+    cfg = search_config(Config.from_yaml(config_file) if config_file else None, **overrides)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    search(cfg)
+
+
+_search.__signature__ = _search_signature()
+app.command(
+    "search",
+    help="Hyperparameter search with Optuna over the config's search: section (default: lr, batch size, "
+    "accumulation, weight decay, LoRA r/alpha/dropout, target modules, layers) under the parameter budget. Running "
+    "it again continues the study; workers with the same --study-name and --storage share it.",
+)(_search)
+
+
 # --- inference: classify, predict, evaluate, merge, export ------------------------------------------------
 _BACKEND_HELP = ("auto: the run's ONNX export if present (int8 when it was exported), else torch | torch | onnx | "
                  "onnx-int8")

@@ -201,6 +201,83 @@ class OutputConfig(_Section):
     overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
 
 
+class ParamSpec(_Section):
+    """One searched parameter: a float or int range (optionally log-scaled or stepped) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical.")
+    # unset keys are left out of dumps so a printed space reads like the YAML one writes
+    low: Optional[Union[int, float]] = Field(None, description="Lower end of a float/int range (inclusive).",
+                                             exclude_if=lambda v: v is None)
+    high: Optional[Union[int, float]] = Field(None, description="Upper end of a float/int range (inclusive).",
+                                              exclude_if=lambda v: v is None)
+    log: bool = Field(False, description="Sample the range on a log scale.", exclude_if=lambda v: not v)
+    step: Optional[Union[int, float]] = Field(None, gt=0, description="Step of a float/int range (none: continuous / 1).",
+                                              exclude_if=lambda v: v is None)
+    choices: Optional[list[Any]] = Field(None, description="Values of a categorical parameter (lists allowed).",
+                                         exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParamSpec":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"empty range: low {self.low} .. high {self.high}; give low <= high")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled range needs low > 0 (got {self.low})")
+        return self
+
+
+# The seed's search ("LoRA Lords": Optuna over lr, batch, accumulation, weight decay, r, alpha, dropout under
+# the 1M budget) plus where the adapters go; every key is a leaf name of the data/model/train sections.
+DEFAULT_SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    "batch_size": {"type": "categorical", "choices": [8, 16, 32]},
+    "grad_accum_steps": {"type": "categorical", "choices": [1, 2, 4]},
+    "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
+    "lora_r": {"type": "int", "low": 2, "high": 16},
+    "lora_alpha": {"type": "categorical", "choices": [8, 16, 32, 64]},
+    "lora_dropout": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.05},
+    "target_modules": {"type": "categorical", "choices": [["query", "value"], ["all-linear"]]},
+    "lora_layers": {"type": "categorical", "choices": [[-1], [-2, -1], [-3, -2, -1], None]},
+}
+
+
+class SearchConfig(_Section):
+    """`lorafit search`: an Optuna study over the fields named in `space`; the rest of the config is fixed."""
+
+    n_trials: int = Field(20, ge=1, description="Finished (complete or pruned) trials the study stops at, counted "
+                          "over all workers.")
+    # the CLI's --time-budget-minutes of `lorafit search` sets this (train.time_budget_minutes stays per trial)
+    timeout_minutes: Optional[float] = Field(None, gt=0, description="Stop starting trials after this many minutes "
+                                             "of this worker.")
+    study_name: str = Field("lorafit-search", description="Optuna study name; its directory is <search_dir>/<name>.")
+    storage: Optional[str] = Field(None, description="Optuna storage URL, e.g. postgresql://user@host/db for workers "
+                                   "on many machines (default: sqlite:///<search_dir>/<study_name>/study.db).")
+    search_dir: str = Field("searches", description="Directory under which the study directory is created.")
+    sampler: Literal["tpe", "random", "gp"] = Field("tpe", description="Optuna sampler.")
+    sampler_seed: Optional[int] = Field(None, description="Seed of the sampler (leave none when several workers "
+                                        "share a study, or they propose the same first trials).")
+    startup_trials: int = Field(5, ge=0, description="Random trials before the sampler models the results.")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner that stops bad "
+                                                           "trials at a validation evaluation.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="Optimizer steps before a trial may be pruned.")
+    heartbeat_seconds: int = Field(10, ge=1, description="Heartbeat of a running trial; one silent for twice this "
+                                   "(a killed worker) is marked failed.")
+    space: dict[str, ParamSpec] = Field(
+        default_factory=lambda: {k: ParamSpec(**v) for k, v in DEFAULT_SEARCH_SPACE.items()},
+        description="Searched parameters by leaf name (learning_rate, lora_r, ...): type, low/high/log/step or choices.",
+    )
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "SearchConfig":
+        unknown = [name for name in self.space if FIELD_SECTIONS.get(name) not in ("data", "model", "train")]
+        if unknown:
+            raise ValueError(f"unknown parameter {', '.join(map(repr, unknown))}; name fields of the data, model or "
+                             "train sections, e.g. learning_rate, lora_r")
+        return self
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -208,6 +285,8 @@ class Config(BaseModel):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    # only in search configs (`lorafit search`); left out of dumps when unset, so run configs stay as they were
+    search: Optional[SearchConfig] = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -277,3 +356,6 @@ FIELD_SECTIONS: dict[str, str] = {
     name: section for section, model in SECTIONS.items() for name in model.model_fields
 }
 assert len(FIELD_SECTIONS) == sum(len(m.model_fields) for m in SECTIONS.values()), "leaf names must be unique"
+# the search section's leaves are flags of `lorafit search` only, so they are kept apart from SECTIONS
+SEARCH_FIELDS = tuple(name for name in SearchConfig.model_fields if name != "space")
+assert not set(SEARCH_FIELDS) & set(FIELD_SECTIONS), "leaf names must be unique"

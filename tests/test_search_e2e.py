@@ -1,0 +1,159 @@
+"""lorafit search with real (tiny) training: best.yaml reproduces the best trial, two workers share a SQLite and a
+PostgreSQL study, and a worker killed with SIGKILL leaves a failed trial that does not stop the study.
+
+The PostgreSQL server is started by this module (initdb into a temporary directory, pg_ctl on a free port of
+127.0.0.1); without PostgreSQL installed the test fails: .ci/run installs it."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+import lorafit
+from conftest import tiny_config
+from lorafit.config import Config
+from lorafit.search import open_storage
+
+PG_BIN = Path(os.environ.get("LORAFIT_PG_BIN", "/usr/lib/postgresql/15/bin"))
+SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+         "lora_r": {"type": "categorical", "choices": [2, 4]}}
+
+
+def _search_yaml(tiny_model_dir, out: Path, **search) -> Path:
+    # lora on the top layer only: trials share the tokenisation and the cached frozen layer 0
+    cfg = tiny_config(tiny_model_dir("bert"), out / "runs", max_train_samples=160, max_eval_samples=40, epochs=1,
+                      lora_layers=[-1], eval_every=5)
+    raw = cfg.model_dump(mode="json")
+    raw["search"] = {"space": SPACE, "search_dir": str(out / "searches"), "heartbeat_seconds": 1, **search}
+    path = out / "search.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _worker(cfg_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "search", str(cfg_path), *args],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, errs = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out + errs)[-3000:]
+    return out
+
+
+def _counted(study) -> list:
+    return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and not t.user_attrs.get("over_budget")
+            and not t.user_attrs.get("surplus")]  # a worker that found the study full gives its trial up
+
+
+def _assert_each_trial_ran_once(study, study_dir: Path, n: int) -> None:
+    counted = _counted(study)
+    assert len(counted) == n, [(t.number, t.state.name) for t in study.trials]
+    run_dirs = [t.user_attrs["run_dir"] for t in counted]
+    assert len(set(run_dirs)) == n
+    for t in counted:
+        lines = (study_dir / t.user_attrs["run_dir"] / "metrics.jsonl").read_text().splitlines()
+        steps = [(r["type"], r["step"]) for r in map(yaml.safe_load, lines) if r.get("split") != "test"]
+        assert len(steps) == len(set(steps)), f"trial {t.number} was trained twice"
+
+
+def test_best_yaml_reproduces_the_best_trial(tiny_model_dir, tmp_path):
+    cfg_path = _search_yaml(tiny_model_dir, tmp_path, n_trials=2, sampler_seed=0)
+    result = lorafit.search(cfg_path)
+    study_dir = result.path
+    assert result.best_value is not None and result.best_test_metrics is not None
+    best_trial = result.study.best_trial
+    trial_dir = study_dir / best_trial.user_attrs["run_dir"]
+    assert not (trial_dir / "checkpoints").exists() and not (trial_dir / "report.html").exists()
+    assert (trial_dir / "model").is_dir() and (trial_dir / "test_metrics.json").is_file()
+    for t in result.study.trials:  # only the best trial was evaluated on test
+        if t.number != best_trial.number:
+            assert not (study_dir / t.user_attrs["run_dir"] / "test_metrics.json").exists()
+
+    best = Config.from_yaml(study_dir / "best.yaml")
+    assert best.train.learning_rate == best_trial.params["learning_rate"]
+    run = lorafit.train(best.with_overrides({"output_dir": str(tmp_path / "again"), "run_name": "best"}))
+    assert run.info["best_validation_accuracy"] == pytest.approx(result.best_value, abs=1e-9)
+    validation = lambda d: [(r["step"], r["accuracy"], round(r["loss"], 5)) for r in map(yaml.safe_load, (  # noqa: E731
+        d / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "validation"]
+    assert validation(run.path) == validation(trial_dir)  # the same run, evaluation by evaluation
+
+
+def test_sigkilled_worker_then_two_workers_finish_the_sqlite_study(tiny_model_dir, tmp_path):
+    """One worker is killed with SIGKILL in its second trial; the same command run by two workers at once then
+    finishes the study: N counted trials, none trained twice, the killed one FAIL (the heartbeat marked it)."""
+    cfg_path = _search_yaml(tiny_model_dir, tmp_path, n_trials=3)
+    study_dir = tmp_path / "searches" / "lorafit-search"
+    proc = _worker(cfg_path)
+    second = study_dir / "trials" / "trial-0001" / "run.json"  # the second trial has started training
+    deadline = time.time() + 300
+    while not second.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the worker ended before its second trial"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    workers = [_worker(cfg_path), _worker(cfg_path)]
+    for w in workers:
+        _finish(w)
+    study = optuna.load_study(study_name="lorafit-search", storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert study.trials[1].state.name == "FAIL"  # not left RUNNING
+    _assert_each_trial_ran_once(study, study_dir, 3)
+    assert len([t for t in study.trials if not t.user_attrs.get("surplus")]) == 4
+    assert (study_dir / "best.yaml").is_file() and (study_dir / "search_report.html").is_file()
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (as root, run as the postgres user)."""
+    initdb = PG_BIN / "initdb"
+    assert initdb.is_file(), f"PostgreSQL is not installed ({initdb} missing): apt-get install postgresql-15"
+    as_root = os.geteuid() == 0
+    run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
+    data = Path(tempfile.mkdtemp(prefix="lorafit-pg-"))
+    if as_root:
+        shutil.chown(data, "postgres", "postgres")
+    port = _free_port()
+    user = "postgres" if as_root else os.environ.get("USER", "postgres")
+
+    def run(*cmd):
+        done = subprocess.run([*run_as, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{cmd[0]} failed: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+
+    run(initdb, "-D", data / "db", "-A", "trust", "-U", user, "--no-sync")
+    run(PG_BIN / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w", "-o",
+        f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", port, "-U", user, "lorafit")
+        yield f"postgresql://{user}@127.0.0.1:{port}/lorafit"
+    finally:
+        subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgresql_study(tiny_model_dir, tmp_path, postgres_url):
+    cfg_path = _search_yaml(tiny_model_dir, tmp_path, n_trials=3, storage=postgres_url, study_name="pg")
+    workers = [_worker(cfg_path), _worker(cfg_path)]
+    for w in workers:
+        _finish(w)
+    study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url, 1))
+    _assert_each_trial_ran_once(study, tmp_path / "searches" / "pg", 3)
