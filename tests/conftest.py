@@ -125,3 +125,13 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
     run = lorafit.train(tiny_config(tiny_model_dir("bert"), out, pooling="cls"))
     return run.path
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path):
+    """A copy of tiny_run that a test may change."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst

@@ -3,19 +3,11 @@ its plain-PEFT snippet runs and agrees with lorafit."""
 
 import json
 import re
-import shutil
 
 import pytest
 from huggingface_hub import ModelCard
 
 from lorafit import card
-
-
-@pytest.fixture()
-def run_copy(tiny_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
 
 
 def test_training_writes_a_hub_model_card(tiny_run):

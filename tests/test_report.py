@@ -2,20 +2,12 @@
 
 import json
 import re
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from lorafit import report
 from lorafit.cli import app
-
-
-@pytest.fixture()
-def run_copy(tiny_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
 
 
 def test_training_writes_the_report(tiny_run):
