@@ -93,7 +93,7 @@ def test_model_health_metrics_docs_and_page(client, tiny_run, clf):
     res = client.get("/metrics")
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
     for name in ("lorafit_requests_total", "lorafit_request_duration_seconds_bucket", "lorafit_batch_size_bucket",
-                 "lorafit_queue_depth", "lorafit_texts_per_second", "lorafit_forwards_total"):
+                 "lorafit_queue_depth", "lorafit_texts_per_second", "lorafit_batches_total"):
         assert name in res.text
     assert re.search(r'lorafit_requests_total\{path="/v1/model",status="200"\} [1-9]', res.text)
     schema = client.get("/openapi.json").json()
@@ -147,19 +147,19 @@ def test_full_queue_answers_503_with_retry_after(tiny_run, clf):
         assert c.post("/v1/classify", json={"texts": SAMPLE_TEXTS[:2]}).status_code == 200
 
 
-def test_concurrent_requests_share_forwards_and_get_their_own_answers(tiny_run, clf):
+def test_concurrent_requests_share_batches_and_get_their_own_answers(tiny_run, clf):
     texts = [f"{t} number {i}" for i in range(4) for t in SAMPLE_TEXTS]  # 16 different texts
     expected = clf.predict_proba(texts)
     with serving(tiny_run, clf, backend="torch", max_wait_ms=300, max_batch_size=64) as c:
-        before = metric(c, "lorafit_forwards_total")
+        before = metric(c, "lorafit_batches_total")
         with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
             answers = list(pool.map(lambda t: c.post("/v1/classify", json={"texts": [t]}), texts))
-        forwards = metric(c, "lorafit_forwards_total") - before
+        batches = metric(c, "lorafit_batches_total") - before
     for res, text, probs in zip(answers, texts, expected):
         assert res.status_code == 200
         got = res.json()["results"][0]["probabilities"]
         np.testing.assert_allclose([got[n] for n in clf.classes_], probs, atol=1e-5, err_msg=text)
-    assert 1 <= forwards < len(texts), f"{forwards} forwards for {len(texts)} concurrent requests"
+    assert 1 <= batches < len(texts), f"{batches} batches for {len(texts)} concurrent requests"
 
 
 def test_api_key_guards_everything_but_health(tiny_run, clf):

@@ -450,6 +450,7 @@ def serve_run(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     backend: str = typer.Option("auto", "--backend", help=_serve_help("backend")),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
+    forward_batch_size: int = typer.Option(8, "--forward-batch-size", min=1, help=_serve_help("forward_batch_size")),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help=_serve_help("max_wait_ms")),
     max_queue: int = typer.Option(1024, "--max-queue", min=1, help=_serve_help("max_queue")),
     max_texts: int = typer.Option(256, "--max-texts", min=1, help=_serve_help("max_texts")),
@@ -464,7 +465,8 @@ def serve_run(
 
     from .serve import ServeOptions, check_host, create_app
 
-    opts = ServeOptions(backend=backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    opts = ServeOptions(backend=backend, max_batch_size=max_batch_size, forward_batch_size=forward_batch_size,
+                        max_wait_ms=max_wait_ms, max_queue=max_queue,
                         max_texts=max_texts, max_chars=max_chars, api_key=api_key or None)
     application = create_app(run, opts)  # reads the run and resolves the backend: bad input fails before listening
     warning = check_host(host, opts.api_key)

@@ -1,10 +1,10 @@
 """`lorafit serve`: a run directory behind HTTP (FastAPI + uvicorn) with dynamic batching.
 
 Concurrent requests put their texts on one bounded asyncio queue; a single worker task takes up to
-`max_batch_size` texts (waiting at most `max_wait_ms` for more), runs one forward in a worker thread (the event
-loop stays free) and resolves each request's future. Endpoints: POST /v1/classify, POST /predict (the shape of
-text-embeddings-inference), GET /v1/model, /healthz, /readyz, /metrics (Prometheus), / (a page for people) and
-/docs (OpenAPI). Every 4xx body is JSON `{"error": "...", "field": ...}`; see docs/serving.md.
+`max_batch_size` texts (waiting at most `max_wait_ms` for more), sorts them by length, runs them in forwards of
+`forward_batch_size` texts in a worker thread (the event loop stays free) and resolves each request's future.
+Endpoints: POST /v1/classify, POST /predict (the shape of text-embeddings-inference), GET /v1/model, /healthz,
+/readyz, /metrics (Prometheus), / (a page for people) and /docs (OpenAPI). Every 4xx body is JSON `{"error": "...", "field": ...}`; see docs/serving.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class ServeOptions(BaseModel):
 
     backend: str = Field("auto", description="auto (the fastest the run has: onnx-int8, else onnx, else torch) | "
                                              "torch | onnx | onnx-int8")
-    max_batch_size: int = Field(64, ge=1, description="Most texts in one forward pass.")
+    max_batch_size: int = Field(64, ge=1, description="Most texts the batcher gathers into one batch.")
+    forward_batch_size: int = Field(8, ge=1, description="Texts per forward pass inside a gathered batch, sorted by "
+                                    "length first: small forwards pad least (docs/serving.md measures it).")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more texts before a forward.")
     max_queue: int = Field(1024, ge=1, description="Most texts waiting; beyond it requests get 503 with Retry-After.")
     max_texts: int = Field(256, ge=1, description="Most texts in one request (more: 413).")
@@ -138,9 +140,10 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("lorafit_request_duration_seconds", "Request latency.", ["path"], registry=self.registry,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch_size = Histogram("lorafit_batch_size", "Texts per forward pass.", registry=self.registry,
+        self.batch_size = Histogram("lorafit_batch_size", "Texts per gathered batch.", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.forwards = Counter("lorafit_forwards", "Forward passes run by the batcher.", registry=self.registry)
+        self.batches = Counter("lorafit_batches", "Batches gathered and run by the batcher (each in forwards of "
+                               "forward_batch_size texts).", registry=self.registry)
         self.texts = Counter("lorafit_texts", "Texts classified.", registry=self.registry)
         Gauge("lorafit_queue_depth", "Texts waiting for a forward pass.", registry=self.registry).set_function(queue_depth)
         Gauge("lorafit_texts_per_second", "Texts classified per second over the last 10 s.",
@@ -177,7 +180,7 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """One queue of (job, text index); one worker task; forwards one at a time in one thread."""
+    """One queue of (job, text index); one worker task gathers batches; one thread runs them, one at a time."""
 
     def __init__(self, predict_logits, max_batch_size: int, max_wait_ms: float, max_queue: int, metrics: Metrics):
         self.predict_logits = predict_logits  # texts -> logits (n, classes)
@@ -246,8 +249,8 @@ class Batcher:
             batch = [(job, i) for job, i in batch if not job.future.done()]  # a disconnected client's texts are skipped
             if not batch:
                 continue
-            # one call = one forward: the classifier's batch size is max_batch_size, and it sorts the texts by
-            # token length itself (data.sorted_batches), so padding stays minimal
+            # one call per gathered batch: the classifier sorts the texts by token length (data.sorted_batches) and
+            # runs them in forwards of forward_batch_size texts, so padding stays small
             texts = [job.texts[i] for job, i in batch]
             try:
                 logits = await loop.run_in_executor(self.executor, self.predict_logits, texts)
@@ -256,7 +259,7 @@ class Batcher:
                 for job, _ in batch:
                     job.fail(exc)
                 continue
-            self.metrics.forwards.inc()
+            self.metrics.batches.inc()
             self.metrics.batch_size.observe(len(texts))
             self.metrics.texts.inc(len(texts))
             self.recent.append((time.monotonic(), len(texts)))
@@ -304,9 +307,9 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
         if state["classifier"] is None:
             from .predict import load
 
-            state["classifier"] = load(run_dir, backend=opts.backend, batch_size=opts.max_batch_size)
+            state["classifier"] = load(run_dir, backend=opts.backend, batch_size=opts.forward_batch_size)
         clf = state["classifier"]
-        clf.batch_size = max(clf.batch_size, opts.max_batch_size)  # one batcher call must be one forward
+        clf.batch_size = opts.forward_batch_size
         clf.decision_function(["warm up", "a longer text to warm up the model with a second, padded row"])
 
     metrics = Metrics(lambda: batcher.depth(), lambda: batcher.texts_per_second())
@@ -422,8 +425,8 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     async def model_info() -> dict:
         clf = state["classifier"]
         return {**summary, "backend": clf.backend.name if clf is not None else backend_name, "ready": state["ready"],
-                "limits": opts.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue", "max_texts",
-                                                   "max_chars"})}
+                "limits": opts.model_dump(include={"max_batch_size", "forward_batch_size", "max_wait_ms", "max_queue",
+                                                   "max_texts", "max_chars"})}
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict:
