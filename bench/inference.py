@@ -28,6 +28,7 @@ Contenders
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--max-train-samples", type=int, default=1000)
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--batch-size", type=int, default=32, help="Peer batch size (Trainer per_device_eval_batch_size).")
+    ap.add_argument("--lorafit-batch-size", type=int, default=None,
+                    help="Texts per forward for lorafit's contenders (default: lorafit.load's, 16).")
     ap.add_argument("--repeat", type=int, default=2, help="Timed repetitions per contender (best is kept).")
     ap.add_argument("--only", help="Comma-separated contenders to run (default: all).")
     args = ap.parse_args()
@@ -145,7 +148,8 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             backend = "torch" if name.startswith("torch") else name
-            clf = lorafit.load(run_dir, backend=backend, precision="bf16" if name == "torch-bf16" else "fp32")
+            sizes = {} if args.lorafit_batch_size is None else {"batch_size": args.lorafit_batch_size}
+            clf = lorafit.load(run_dir, backend=backend, precision="bf16" if name == "torch-bf16" else "fp32", **sizes)
             load_s = time.perf_counter() - t0
             fn_texts = lambda clf=clf: clf.decision_function(texts)  # noqa: E731
         seconds, logits = best_time(fn_texts, args.repeat)
@@ -192,6 +196,7 @@ def main() -> None:
                       "seconds": round(r["seconds"], 3), "load_s": round(r["load_s"], 2)})
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run_dir), "pooling": pooling, "n_texts": len(texts), "peer_batch_size": args.batch_size,
+              "lorafit_batch_size": args.lorafit_batch_size or inspect.signature(lorafit.load).parameters["batch_size"].default,
               "repeat": args.repeat, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "mean_tokens": round(mean_tokens, 1), "gflop_per_text": round(per_text, 4),
               "peak_gflops": {k: round(v, 1) for k, v in peaks.items()},

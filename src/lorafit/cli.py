@@ -286,7 +286,7 @@ def predict_file(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .pkl/.pickle inputs (unpickling runs code: trusted files only)."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (sorted by length; on a GPU larger pays)."),
     allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     import io
@@ -331,7 +331,7 @@ def evaluate_file(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON to this file."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Texts per forward pass."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (sorted by length; on a GPU larger pays)."),
     allow_different_base: bool = _ALLOW_BASE,
 ) -> None:
     import json

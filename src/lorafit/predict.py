@@ -64,7 +64,7 @@ class Classifier:
     """A trained text classifier. `classes_` holds the label names in id order; `backend.name` says what runs."""
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int, clean: bool,
-                 batch_size: int = 64, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
+                 batch_size: int = 16, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
                  backend=None):
         self.model = model  # None when an ONNX backend serves
         self.tokenizer = tokenizer
@@ -124,12 +124,14 @@ def resolve_backend(run_dir: Path, backend: str) -> tuple[str, Optional[Path]]:
     return backend, path
 
 
-def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 64, merge: bool = True,
+def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: bool = True,
          backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32",
          allow_different_base: bool = False) -> Classifier:
     """Load a completed run's classifier (weights are read as safetensors or ONNX; nothing is unpickled).
 
     backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
+    batch_size: texts per forward, sorted by length. 16 beat 64 on a 2-core CPU (onnx-int8 ~1.15x, onnx ~1.3x,
+    torch about even; docs/speed.md); on a GPU larger batches pay.
     precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
     allow_different_base: rebuild a LoRA or head-only run (torch backend) on its backbone even when that backbone
     is no longer the one recorded in run.json (`backbone`); by default that is refused. Full fine-tuning runs

@@ -4,7 +4,8 @@ Concurrent requests put their texts on one bounded asyncio queue; a single worke
 `max_batch_size` texts (waiting at most `max_wait_ms` for more), sorts them by length, runs them in forwards of
 `forward_batch_size` texts in a worker thread (the event loop stays free) and resolves each request's future.
 Endpoints: POST /v1/classify, POST /predict (the shape of text-embeddings-inference), GET /v1/model, /healthz,
-/readyz, /metrics (Prometheus), / (a page for people) and /docs (OpenAPI). Every 4xx body is JSON `{"error": "...", "field": ...}`; see docs/serving.md.
+/readyz, /metrics (Prometheus), / (a page for people) and /docs (OpenAPI). Every 4xx body is JSON
+`{"error": "...", "field": ...}`; see docs/serving.md.
 """
 
 from __future__ import annotations
