@@ -52,6 +52,16 @@ def test_step_by_step_with_callbacks_and_no_test_evaluation(tiny_model_dir, tmp_
     assert train_rows and all(0 <= r["accuracy"] <= 1 for r in train_rows)
 
 
+def test_a_recipe_that_never_evaluates_test_caches_no_test_prefix(tiny_model_dir, tmp_path):
+    recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path), evaluate_test=False)  # as a search trial runs
+    recipe.setup()
+    assert set(recipe.prefix.flat) == {"train", "validation"} and set(recipe.prefix_time) == {"train", "validation"}
+    while recipe.train_epoch():
+        pass
+    run = recipe.finish()
+    assert run.test_metrics == {} and not (run.path / "test_metrics.json").exists()
+
+
 def test_a_callback_error_ends_the_run_as_failed_and_state_is_restored(tiny_model_dir, tmp_path):
     threads = torch.get_num_threads()
     recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path, eval_every=2), callbacks=[Recorder(fail_at=2)])

@@ -29,7 +29,8 @@ class FakeRecipe:
 
     calls: list = []
 
-    def __init__(self, cfg, console=None, callbacks=(), reuse=None):
+    def __init__(self, cfg, console=None, callbacks=(), reuse=None, evaluate_test=True):
+        assert not evaluate_test, "a trial must never evaluate the test split"
         self.cfg, self.callbacks, self.epoch = cfg, callbacks, 0
         self.path = Path(cfg.output.output_dir) / cfg.output.run_name
 
@@ -53,8 +54,8 @@ class FakeRecipe:
         assert split == "validation"
         return {"accuracy": self.accuracy()}
 
-    def finish(self, evaluate_test=True):
-        assert evaluate_test is False  # trials never look at the test split
+    def finish(self, evaluate_test=None):
+        assert not evaluate_test  # trials never look at the test split
         return SimpleNamespace(path=self.path, info={"best_validation_accuracy": self.accuracy()})
 
 

@@ -260,7 +260,7 @@ def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_i
         return None, {}, {"enabled": False, "reason": "estimate above train.cache_max_gb", **decision}
     prefix = FrozenPrefix(model, k, dtype)
     key = ("prefix", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, t.seed, k, str(dtype),
-                                 precision], sort_keys=True))
+                                 precision, sorted(encoded)], sort_keys=True))
     if reuse is not None and key in reuse:
         prefix.flat, prefix.offsets = reuse[key]
         decision.update(enabled=True, reused=True, storage_dtype=prefix.storage_dtype(),

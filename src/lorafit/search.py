@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 import json
 import os
@@ -378,7 +377,9 @@ class Objective:
                 trial.set_user_attr("over_budget", True)
                 raise optuna.TrialPruned(f"{trainable:,} trainable parameters exceed the budget of {self.budget:,}")
         reporter = _ReportToOptuna(trial, self.metric, self.maximize)
-        recipe = self.recipe_factory(cfg, console=self.console, callbacks=(reporter,), reuse=self.reuse)
+        # the test split is never used to choose: trials neither evaluate it nor cache its frozen prefix
+        recipe = self.recipe_factory(cfg, console=self.console, callbacks=(reporter,), reuse=self.reuse,
+                                     evaluate_test=False)
         run_dir = Path(cfg.output.output_dir) / cfg.output.run_name
         trial.set_user_attr(RUN_DIR_ATTR, str(run_dir.relative_to(self.study_dir)))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who trained it, across machines
@@ -386,10 +387,7 @@ class Objective:
             recipe.setup()
             while recipe.train_epoch():
                 pass
-            # the test split is never used to choose; no per-trial report (seconds of plotting per trial) where
-            # the recipe lets it be skipped, and _slim removes it where it does not
-            skip_report = {"report": False} if "report" in inspect.signature(recipe.finish).parameters else {}
-            run = recipe.finish(evaluate_test=False, **skip_report)
+            run = recipe.finish()  # no test evaluation, hence no per-trial report either
         finally:
             _slim(run_dir)
         info = getattr(run, "info", None) or {}

@@ -312,17 +312,20 @@ class TrainingRecipe:
     after every validation evaluation; what they raise ends the run (marked failed), e.g. optuna.TrialPruned.
     `reuse`: a dict the caller keeps across recipes (a hyperparameter search): the loaded data, tokenizer and
     encoded splits and the frozen-prefix states are stored there and taken back when their key matches.
+    `evaluate_test=False` (a search trial): the test split is never evaluated, so no frozen prefix is cached for it.
 
     Multi-process (torchrun / accelerate launch): every process loads the data, evaluates and decides the same;
     each trains on its part of every global batch, DDP averages the gradients; every stop decision is agreed
     across processes; only the main process writes the run directory.
     """
 
-    def __init__(self, cfg: Config, console=None, callbacks: Sequence[Any] = (), reuse: Optional[dict] = None):
+    def __init__(self, cfg: Config, console=None, callbacks: Sequence[Any] = (), reuse: Optional[dict] = None,
+                 evaluate_test: bool = True):
         self.cfg = cfg
         self.console = console
         self.callbacks = list(callbacks)
         self.reuse = reuse
+        self.evaluate_test = evaluate_test
         self.state = LoopState()
         self.best_state: Optional[dict[str, torch.Tensor]] = None
         self.run_dir: Optional[Path] = None
@@ -484,11 +487,12 @@ class TrainingRecipe:
         return frozen_mode(self.cfg, self.precision, self.process.device.type)
 
     def _frozen_prefix(self) -> None:
-        """Cache the frozen lower layers' output for every split when only top layers train (prefix_cache)."""
+        """Cache the frozen lower layers' output for every split this run evaluates when only top layers train."""
         from .prefix_cache import build_prefix_cache
 
+        splits = {k: v for k, v in self.encoded.items() if k != "test" or self.evaluate_test}
         self.prefix, self.prefix_time, self.prefix_decision = build_prefix_cache(
-            self.cfg, self.unwrapped, self.encoded, self.pad_id, self.precision, self.accelerator.device,
+            self.cfg, self.unwrapped, splits, self.pad_id, self.precision, self.accelerator.device,
             self.autocast, self.console, reuse=self.reuse)
 
     def _apply_speed_paths(self) -> dict[str, Any]:
@@ -695,7 +699,7 @@ class TrainingRecipe:
         """Metrics of the current weights on `split` (evaluate.compute_metrics); the logits go to last_logits.
         Every process computes the same numbers on the unwrapped model: no collective, nothing to gather."""
         acc, enc = self.accelerator, self.encoded[split]
-        prefix = self.prefix
+        prefix = self.prefix if self.prefix is not None and split in self.prefix.flat else None
         forward = (lambda batch: prefix.logits(self.unwrapped, batch, split, acc.device)) if prefix is not None else None
         logits = predict_logits(self.unwrapped, enc, self.cfg.train.eval_batch_size, self.pad_id, acc.device,
                                 autocast=self.autocast, forward=forward)
@@ -745,11 +749,11 @@ class TrainingRecipe:
                                self.scaler, saved, self.best_state, self.cfg.train.keep_checkpoints, rngs=rngs)
 
     # --- the end ---------------------------------------------------------------------------------------
-    def finish(self, evaluate_test: bool = True) -> Run:
-        """Restore the best weights, evaluate on test (if asked), save model/ and the outputs; undo the speed
-        paths, threads and signal handlers."""
+    def finish(self, evaluate_test: Optional[bool] = None) -> Run:
+        """Restore the best weights, evaluate on test (unless evaluate_test, by default the recipe's, says not),
+        save model/ and the outputs; undo the speed paths, threads and signal handlers."""
         with self._failures_recorded():
-            return self._finish(evaluate_test)
+            return self._finish(self.evaluate_test if evaluate_test is None else evaluate_test)
 
     def _finish(self, evaluate_test: bool) -> Run:
         st, t, acc = self.state, self.cfg.train, self.accelerator
