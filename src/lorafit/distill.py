@@ -220,6 +220,16 @@ def teacher_summary(teacher: Path, cfg: Config, info: dict) -> dict[str, Any]:
     }
 
 
+def check_layers(cfg: Config) -> None:
+    """Refuse model.num_layers beyond the backbone's layer count (reads its config only, no weights)."""
+    from transformers import AutoConfig
+
+    from .model import _from_pretrained, keep_first_layers
+
+    hf_config = _from_pretrained(AutoConfig.from_pretrained, cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    keep_first_layers(hf_config, cfg.model.num_layers, cfg.model.model)
+
+
 def layer_count(cfg: Config) -> Optional[int]:
     """Encoder layers of a run's model: model.num_layers, else the backbone config's own count."""
     if cfg.model.num_layers is not None:
@@ -280,6 +290,8 @@ def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, st
         values["output"] = OutputConfig(output_dir=teacher_cfg.output.output_dir).model_dump(mode="json")
     values["distill"] = {**(values.get("distill") or {}), "teacher_run": str(teacher), **distill_values}
     cfg = Config.from_dict(values, source="distill").with_overrides(overrides)
+    if cfg.model.num_layers is not None:  # K beyond the student's layers: one line now, before any work
+        check_layers(cfg)
     if cfg.output.run_name is None:
         model = cfg.model.model.split("/")[-1].split(":")[-1]
         layers = f"-{cfg.model.num_layers}L" if cfg.model.num_layers else ""
