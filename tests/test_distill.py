@@ -101,7 +101,7 @@ def _distill(*args):
 def test_student_run_is_a_normal_run_served_through_predict(tiny_run, tmp_path):
     unlabelled = tmp_path / "unlabelled.txt"
     unlabelled.write_text("Oil prices climb again\nThe match ended in a draw\nA new phone ships\n", encoding="utf-8")
-    code, out = _distill(tiny_run, "--student-layers", 1, "--epochs", 1, "--temperature", 3, "--hard-weight", 1,
+    code, out = _distill(tiny_run, "--student-layers", 1, "--max-steps", 4, "--temperature", 3, "--hard-weight", 1,
                          "--unlabelled-file", unlabelled, "--output-dir", tmp_path / "students", "--run-name", "s1",
                          "--seed", 7)
     assert code == 0, out
@@ -124,7 +124,7 @@ def test_student_run_is_a_normal_run_served_through_predict(tiny_run, tmp_path):
 
     import lorafit  # a second student (another seed) reuses the teacher's cached logits
 
-    again = lorafit.distill(tiny_run, student_layers=1, epochs=1, unlabelled_file=str(unlabelled), seed=8,
+    again = lorafit.distill(tiny_run, student_layers=1, max_steps=2, unlabelled_file=str(unlabelled), seed=8,
                             output_dir=str(tmp_path / "students"), run_name="s2")
     assert again.info and json.loads((again.path / "run.json").read_text())["distillation"]["cache_reused"]
 
@@ -132,7 +132,7 @@ def test_student_run_is_a_normal_run_served_through_predict(tiny_run, tmp_path):
 def test_student_with_another_tokenizer(tiny_run, tiny_model_dir, tmp_path):
     """The cache is keyed by text, not token ids: a RoBERTa (BPE) student learns from a BERT (WordPiece) teacher."""
     roberta = tiny_model_dir("roberta")
-    code, out = _distill(tiny_run, "--student", roberta, "--pooling", "mean", "--epochs", 1,
+    code, out = _distill(tiny_run, "--student", roberta, "--pooling", "mean", "--max-steps", 3,
                          "--output-dir", tmp_path / "students", "--run-name", "bpe")
     assert code == 0, out
     student = tmp_path / "students" / "bpe"
@@ -200,3 +200,28 @@ def test_the_students_data_is_the_teachers(tiny_run, tmp_path):
     teacher = lorafit.Config.from_yaml(tiny_run / "config.yaml")
     assert cfg.data_seed == teacher.data_seed and cfg.train.seed == 5 and cfg.data.max_length == 32
     assert cfg.output.run_name != teacher.output.run_name and cfg.distill.teacher_run == str(tiny_run)
+
+
+def test_killed_student_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
+    """SIGKILL mid-run, then `lorafit train --resume`: the teacher's logits come back from its cache and the
+    resumed student ends with the uninterrupted student's weights and metrics (test_resume's checks)."""
+    import signal
+    import sys
+
+    import lorafit
+    from lorafit.distill import student_config
+    from test_resume import assert_same_run, checkpoint_exists, kill_when
+
+    values = dict(epochs=1, checkpoint_every=3, lora_dropout=0.1, num_threads=1, student_layers=1)
+    lorafit.train(student_config(tiny_run, output_dir=str(tmp_path / "ref"), run_name="run", **values))
+    cfg = student_config(tiny_run, output_dir=str(tmp_path / "killed"), run_name="run", **values)
+    cfg.to_yaml(tmp_path / "student.yaml")
+    run = tmp_path / "killed" / "run"
+    killed = kill_when([sys.executable, "-m", "lorafit.cli", "train", str(tmp_path / "student.yaml")],
+                       checkpoint_exists(run, 6))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["resumed"] and info["distillation"]["cache_reused"]
+    assert_same_run(tmp_path / "ref" / "run", run)

@@ -203,7 +203,9 @@ class Teacher:
 
     def loss(self, logits: torch.Tensor, batch: dict, cfg: Config) -> torch.Tensor:
         d = cfg.distill
-        teacher = self.logits.to(logits.device)[batch["index"]]
+        if self.logits.device != logits.device:  # moved once, on the first step
+            self.logits = self.logits.to(logits.device)
+        teacher = self.logits[batch["index"]]
         return distillation_loss(logits, batch["labels"], teacher, d.temperature, d.soft_weight, d.hard_weight,
                                  cfg.train.label_smoothing)
 

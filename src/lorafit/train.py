@@ -796,8 +796,12 @@ class TrainingRecipe:
         """run.json's distillation section gets the student's side: its layers and its predict speed."""
         from .distill import layer_count, student_speed
 
-        texts = self.bundle.test.texts
-        speed = student_speed(self.run_dir, texts, self.cfg.train.eval_batch_size) if texts else {}
+        texts, speed = self.bundle.test.texts, {}
+        try:
+            speed = student_speed(self.run_dir, texts, self.cfg.train.eval_batch_size) if texts else {}
+        except Exception as exc:  # noqa: BLE001 - a measurement for the record must never fail a finished run
+            self.console.print(f"[yellow]warning: the student's predict speed could not be measured "
+                               f"({type(exc).__name__}: {exc})[/]")
         self.record.update(distillation={**self.record.data.get("distillation", {}), **self.teacher.info,
                                          "student_layers": layer_count(self.cfg), **speed,
                                          "speed_measured": "in-run: teacher while computing its logits, student "
