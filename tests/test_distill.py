@@ -225,3 +225,20 @@ def test_killed_student_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["resumed"] and info["distillation"]["cache_reused"]
     assert_same_run(tmp_path / "ref" / "run", run)
+
+
+def test_bench_table_arithmetic():
+    """bench/distill.py's summary and table (the script itself is smoke-tested by hand: it trains MPNet)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_distill", Path(__file__).resolve().parents[1] / "bench" / "distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [{"accuracy": a, "f1_macro": a - 0.01, "train_time_s": t} for a, t in [(0.90, 100), (0.92, 110), (0.91, 120)]]
+    s = bench.summarise(runs)
+    assert s["accuracy"]["mean"] == pytest.approx(0.91) and s["accuracy"]["std"] == pytest.approx(0.01)
+    table = bench.markdown_table({"minilm2": s}, {"minilm2": {"torch": 100.0, "onnx": 150.0, "onnx-int8": 300.0}},
+                                 peer=60.0).splitlines()
+    assert table[2] == ("| minilm2 | 3 | 0.9100 | 0.0100 | 0.9000 | 0.9200 | 0.9000 | 110 | 100.0 (1.67x) | "
+                        "150.0 (2.50x) | 300.0 (5.00x) |")
