@@ -73,18 +73,20 @@ def texts_of(run_dir: Path) -> list[str]:
 
 
 def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, float]:
-    """texts/s of each predict backend on the run's test texts (exports ONNX fp32 + int8 first)."""
+    """texts/s of each predict backend on the run's test texts (exports ONNX fp32 + int8 first), and the int8
+    model's test accuracy from the export's own check (goal 2 is about the int8 student's accuracy)."""
     import lorafit
     from inference import best_time
     from lorafit.export import export_onnx
 
-    export_onnx(run_dir, int8=True)
+    check = export_onnx(run_dir, int8=True).get("check") or {}
     speeds = {}
     for backend in BACKENDS:
         clf = lorafit.load(run_dir, backend=backend)
         seconds, _ = best_time(lambda clf=clf: clf.decision_function(texts), repeat)
         speeds[backend] = round(len(texts) / seconds, 1)
         print(f"    {run_dir.name} {backend:10s} {speeds[backend]:8.1f} texts/s", flush=True)
+    speeds["onnx-int8_accuracy"] = check.get("onnx-int8", {}).get("accuracy")
     return speeds
 
 
@@ -110,13 +112,14 @@ def summarise(runs: list[dict]) -> dict:
 def markdown_table(summary: dict, speeds: dict, peer: float) -> str:
     f = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731 - no spread from one seed
     lines = ["| contender | runs | accuracy mean | std | min | max | macro F1 mean | train s | "
-             + " | ".join(f"{b} texts/s (x peer)" for b in BACKENDS) + " |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in BACKENDS) + " |"]
+             + " | ".join(f"{b} texts/s (x peer)" for b in BACKENDS) + " | onnx-int8 accuracy (seed 1) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in BACKENDS) + " | ---: |"]
     for name, s in summary.items():
         a = s["accuracy"]
         cells = [f"{speeds[name][b]:.1f} ({speeds[name][b] / peer:.2f}x)" if name in speeds else "–" for b in BACKENDS]
         lines.append(f"| {name} | {s['runs']} | {f(a['mean'])} | {f(a['std'])} | {f(a['min'])} | {f(a['max'])} | "
-                     f"{f(s['f1_macro']['mean'])} | {s['train_time_s']:.0f} | " + " | ".join(cells) + " |")
+                     f"{f(s['f1_macro']['mean'])} | {s['train_time_s']:.0f} | " + " | ".join(cells)
+                     + f" | {f(speeds.get(name, {}).get('onnx-int8_accuracy'))} |")
     lines.append(f"\npeer: Trainer.predict with dynamic padding on the default MiniLM run, {peer:.1f} texts/s "
                  "(bench/inference.py's peer-dynamic)")
     return "\n".join(lines)

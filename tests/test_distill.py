@@ -238,7 +238,7 @@ def test_bench_table_arithmetic():
     runs = [{"accuracy": a, "f1_macro": a - 0.01, "train_time_s": t} for a, t in [(0.90, 100), (0.92, 110), (0.91, 120)]]
     s = bench.summarise(runs)
     assert s["accuracy"]["mean"] == pytest.approx(0.91) and s["accuracy"]["std"] == pytest.approx(0.01)
-    table = bench.markdown_table({"minilm2": s}, {"minilm2": {"torch": 100.0, "onnx": 150.0, "onnx-int8": 300.0}},
-                                 peer=60.0).splitlines()
+    speeds = {"minilm2": {"torch": 100.0, "onnx": 150.0, "onnx-int8": 300.0, "onnx-int8_accuracy": 0.905}}
+    table = bench.markdown_table({"minilm2": s}, speeds, peer=60.0).splitlines()
     assert table[2] == ("| minilm2 | 3 | 0.9100 | 0.0100 | 0.9000 | 0.9200 | 0.9000 | 110 | 100.0 (1.67x) | "
-                        "150.0 (2.50x) | 300.0 (5.00x) |")
+                        "150.0 (2.50x) | 300.0 (5.00x) | 0.9050 |")
