@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .config import Config  # noqa: E402
+from .distill import distill  # noqa: E402
 from .errors import LorafitError  # noqa: E402
 
 
@@ -18,4 +19,4 @@ from .predict import Classifier, load  # noqa: E402
 from .search import search  # noqa: E402
 from .train import Run, train  # noqa: E402
 
-__all__ = ["Classifier", "Config", "LorafitError", "Run", "load", "search", "train", "__version__"]
+__all__ = ["Classifier", "Config", "LorafitError", "Run", "distill", "load", "search", "train", "__version__"]

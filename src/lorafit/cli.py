@@ -213,6 +213,70 @@ app.command(
 )(_search)
 
 
+# --- distill: a completed run teaches a student; the train options plus the distill section's -------------------
+# the names for the two model options a student is chosen by
+_STUDENT_ALIASES = {"model": ("--student", "The student's backbone (default: the teacher's), e.g. "
+                                           "embedded:all-MiniLM-L6-v2."),
+                    "num_layers": ("--student-layers", "Keep only the student backbone's first K encoder layers "
+                                                       "(layer dropping, from its pretrained weights).")}
+FIELD_SECTIONS_DATA = set(SECTIONS["data"].model_fields)
+
+
+def _distill_signature() -> inspect.Signature:
+    from .config import DISTILL_FIELDS, DistillConfig
+    from .distill import STUDENT_DATA_OPTIONS
+
+    params = [inspect.Parameter(
+        "teacher_run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+        default=typer.Argument(..., help="The teacher: a completed run directory.", show_default=False))]
+    params.append(inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--config", help="YAML config of the student's model/train/output sections "
+                             "(default: the teacher's); its data section is replaced by the teacher's.")))
+    for p in _train_signature().parameters.values():
+        if p.name in ("config_file", "resume") or (p.name in FIELD_SECTIONS_DATA and p.name not in STUDENT_DATA_OPTIONS):
+            continue  # the student's data is the teacher's; resume a student with lorafit train --resume
+        if p.name in _STUDENT_ALIASES:
+            flag, text = _STUDENT_ALIASES[p.name]
+            p = p.replace(default=typer.Option(None, flag, "--" + p.name.replace("_", "-"), help=escape(text),
+                                               rich_help_panel="distill", show_default=False,
+                                               metavar="INT" if p.name == "num_layers" else "TEXT"))
+        params.append(p)
+    for name in DISTILL_FIELDS:
+        if name == "teacher_run":
+            continue
+        field = DistillConfig.model_fields[name]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--" + name.replace("_", "-"), rich_help_panel="distill", help=_help(field, field.default),
+            show_default=False, metavar=_metavar(field.annotation))))
+    return inspect.Signature(params)
+
+
+@cli_errors
+def _distill(teacher_run: Path, config_file: Optional[Path] = None, print_config: bool = False, **flags):
+    from .config import DISTILL_FIELDS
+    from .distill import student_config
+    from .train import train
+
+    overrides = {k: (v if k in DISTILL_FIELDS else parse_flag(k, v)) for k, v in flags.items() if v is not None}
+    if overrides.get("unlabelled_file", "").lower() in ("none", "null"):
+        overrides["unlabelled_file"] = None
+    cfg = student_config(teacher_run, Config.from_yaml(config_file) if config_file else None, **overrides)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    train(cfg)
+
+
+_distill.__signature__ = _distill_signature()
+app.command(
+    "distill",
+    help="Train a student run on a completed teacher run's logits (soft-label KL at a temperature + the hard "
+    "labels) on the teacher's data and splits; the teacher's logits are computed once and cached in its run "
+    "directory. The student may be another backbone (--student) or the first K layers of one (--student-layers).",
+)(_distill)
+
+
 # --- inference: classify, predict, evaluate, merge, export ------------------------------------------------
 _BACKEND_HELP = ("auto: the run's ONNX export if present (int8 when it was exported), else torch | torch | onnx | "
                  "onnx-int8")

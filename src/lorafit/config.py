@@ -62,6 +62,10 @@ class DataConfig(_Section):
         None, ge=1, description="Use at most this many validation and test rows each (stratified)."
     )
     allow_pickle: bool = Field(False, description="Allow loading .pkl/.pickle files (unpickling can run code).")
+    split_seed: Optional[int] = Field(
+        None, description="Seed of the validation/test split and the row subsampling ('none': train.seed). A "
+        "distilled student keeps its teacher's, so both are scored on exactly the same rows whatever its seed."
+    )
 
 
 class ModelConfig(_Section):
@@ -111,6 +115,10 @@ class ModelConfig(_Section):
         "(--param-budget none, or null in YAML), as method=full needs.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off: it runs code).")
+    num_layers: Optional[int] = Field(
+        None, ge=1, description="Keep only the backbone's first K encoder layers, initialised from its pretrained "
+        "weights (layer dropping: a faster, smaller model; `lorafit distill --student-layers`); 'none' keeps all."
+    )
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the frozen base through bitsandbytes (QLoRA): 4bit (nf4, double quantization, bf16 "
         "compute) or 8bit; LoRA only, needs a CUDA GPU and the 'qlora' extra (pip install 'lorafit[qlora]')."
@@ -278,6 +286,30 @@ class SearchConfig(_Section):
         return self
 
 
+class DistillConfig(_Section):
+    """`lorafit distill`: a completed teacher run teaches this run (the student) with its logits."""
+
+    teacher_run: str = Field(description="The teacher: a completed run directory whose logits the student learns from.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft-label KL loss (higher: "
+                               "softer teacher probabilities, more of its ranking of the wrong classes).")
+    # Hinton et al.'s T^2-scaled soft loss has the hard loss's gradient scale, so 1 : 0.5 weights the teacher's
+    # knowledge above the labels (their best results had the smaller weight on the hard loss) while the labels
+    # still correct the teacher where it is wrong
+    soft_weight: float = Field(1.0, ge=0, description="Weight of the soft-label loss T^2 * KL(teacher || student).")
+    hard_weight: float = Field(0.5, ge=0, description="Weight of the hard-label cross-entropy (labelled rows only).")
+    unlabelled_file: Optional[str] = Field(
+        None, description="Extra texts without labels the student learns the teacher's logits on (csv, tsv, jsonl, "
+        "json, parquet, or txt with one text per line)."
+    )
+    unlabelled_text_column: str = Field("text", description="Text column of the unlabelled file.")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "DistillConfig":
+        if self.soft_weight == 0 and self.hard_weight == 0:
+            raise ValueError("soft_weight and hard_weight are both 0: nothing to learn; give one a positive weight")
+        return self
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -287,6 +319,8 @@ class Config(BaseModel):
     output: OutputConfig = OutputConfig()
     # only in search configs (`lorafit search`); left out of dumps when unset, so run configs stay as they were
     search: Optional[SearchConfig] = Field(None, exclude_if=lambda v: v is None)
+    # only in distilled runs (`lorafit distill`); left out of dumps when unset, like search
+    distill: Optional[DistillConfig] = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -299,6 +333,11 @@ class Config(BaseModel):
             raise ValueError(f"model.quantize={self.model.quantize} needs a CUDA GPU (bitsandbytes); "
                              f"train.device is {self.train.device}")
         return self
+
+    @property
+    def data_seed(self) -> int:
+        """The seed that splits and subsamples the data (data.split_seed, else train.seed)."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
 
     # --- YAML in, YAML out -------------------------------------------------------------------------
     @classmethod
@@ -359,3 +398,6 @@ assert len(FIELD_SECTIONS) == sum(len(m.model_fields) for m in SECTIONS.values()
 # the search section's leaves are flags of `lorafit search` only, so they are kept apart from SECTIONS
 SEARCH_FIELDS = tuple(name for name in SearchConfig.model_fields if name != "space")
 assert not set(SEARCH_FIELDS) & set(FIELD_SECTIONS), "leaf names must be unique"
+# the distill section's leaves are flags of `lorafit distill` only, kept apart from SECTIONS like search's
+DISTILL_FIELDS = tuple(DistillConfig.model_fields)
+assert not set(DISTILL_FIELDS) & (set(FIELD_SECTIONS) | set(SEARCH_FIELDS)), "leaf names must be unique"

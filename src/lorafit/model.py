@@ -250,6 +250,8 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
         AutoConfig.from_pretrained, cfg.model, num_labels=num_labels, id2label=id2label,
         label2id={n: i for i, n in id2label.items()}, trust_remote_code=cfg.trust_remote_code,
     )
+    if cfg.num_layers is not None:
+        keep_first_layers(hf_config, cfg.num_layers, cfg.model)
     checkpoint_dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
     set_dropouts(hf_config, cfg.encoder_dropout, cfg.attention_dropout, cfg.classifier_dropout)
     if cfg.pooling == "cls":
@@ -261,6 +263,26 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
                                              trust_remote_code=cfg.trust_remote_code, **quantized), quantize)
     dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
     return MeanPoolingClassifier(encoder, num_labels, dropout)
+
+
+def encoder_layer_count(hf_config) -> Optional[int]:
+    """Encoder layers of a Transformers config: num_hidden_layers (BERT, RoBERTa, MPNet, DeBERTa, ModernBERT;
+    DistilBERT maps it onto n_layers), None when the architecture names it otherwise."""
+    count = getattr(hf_config, "num_hidden_layers", None)
+    return count if isinstance(count, int) else None
+
+
+def keep_first_layers(hf_config, k: int, model_name: str) -> None:
+    """Layer dropping: a config with only the first k encoder layers. from_pretrained then loads those layers'
+    pretrained weights and ignores the rest, so the student starts from the backbone's own lower layers."""
+    count = encoder_layer_count(hf_config)
+    if count is None:
+        raise LorafitError(f"model.num_layers: {model_name} does not say its layer count (num_hidden_layers), so "
+                           "its layers cannot be dropped; leave --num-layers/--student-layers unset")
+    if k > count:
+        raise LorafitError(f"model.num_layers: {k} is more than the {count} encoder layers of {model_name}; "
+                           f"give 1..{count} (--student-layers)")
+    hf_config.num_hidden_layers = k
 
 
 # config keys of the encoder's own dropout (BERT family, DistilBERT, DeBERTa, ModernBERT) and of the heads'

@@ -273,12 +273,45 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows), ("Per-class test metrics", per_class),
         ("Plots", plots), ("Most confused class pairs", pair_rows),
     ]
+    distilled = distillation_rows(view)
+    if distilled:
+        sections.insert(1, ("Distillation: teacher vs student", distilled))
     for p in pairs:
         rows = [["probability", "text", "row"]] + [[f"{e['prob']:.3f}", e["text"], e["row"]] for e in p["examples"]]
         sections.append((f"{p['true']} predicted as {p['predicted']}: the most confident mistakes", rows))
     if problems:
         sections.append(("Warnings", "\n".join(problems)))
     return sections
+
+
+def distillation_rows(view: RunView) -> list[list[str]]:
+    """A distilled run (run.json `distillation`): teacher and student side by side; [] for other runs."""
+    d = view.info.get("distillation")
+    if not d:
+        return []
+    teacher, m = d.get("teacher_test_metrics", {}), view.info.get("model", {})
+
+    def speed(side: str) -> str:
+        value = d.get(f"{side}_texts_per_s")
+        return f"{_fmt(value)} ({d.get(f'{side}_backend')}, measured in-run)" if value is not None else "—"
+
+    return [
+        ["", "teacher", "student (this run)"],
+        ["run", d.get("teacher_name"), view.name],
+        ["backbone", d.get("teacher_backbone"), view.config.model.model],
+        ["encoder layers", _fmt(d.get("teacher_layers")), _fmt(d.get("student_layers"))],
+        ["method", d.get("teacher_method"), view.config.model.method],
+        ["test accuracy", _fmt(teacher.get("accuracy")), _fmt(view.test.get("accuracy"))],
+        ["test macro F1", _fmt(teacher.get("f1_macro")), _fmt(view.test.get("f1_macro"))],
+        ["trainable / total parameters", f"{_fmt(d.get('teacher_trainable_params'))} / "
+                                         f"{_fmt(d.get('teacher_total_params'))}",
+         f"{_fmt(m.get('trainable_params'))} / {_fmt(m.get('total_params'))}"],
+        ["predict texts/s", speed("teacher"), speed("student")],
+        ["temperature / soft weight / hard weight", "",
+         "{d.temperature:g} / {d.soft_weight:g} / {d.hard_weight:g}".format(d=view.config.distill)
+         if view.config.distill else "—"],
+        ["unlabelled rows", "", _fmt(d.get("unlabelled_rows"))],
+    ]
 
 
 def _markdown(title: str, sections) -> str:

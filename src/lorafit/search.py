@@ -418,7 +418,7 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
 
     from .data import load_data
 
-    label_names = load_data(cfg.data, cfg.train.seed).label_names
+    label_names = load_data(cfg.data, cfg.data_seed).label_names
     counter = ParamCounter(cfg.model, label_names)
     if recipe_factory is None:
         from .train import TrainingRecipe as recipe_factory
@@ -544,7 +544,7 @@ def evaluate_best_on_test(study, study_dir: Path) -> Optional[dict[str, Any]]:
 
     clf = load(run_dir)
     run_cfg = Config.from_yaml(run_dir / "config.yaml")
-    test = load_data(run_cfg.data, run_cfg.train.seed).test
+    test = load_data(run_cfg.data, run_cfg.data_seed).test
     names = [str(n) for n in clf.classes_]
     metrics = compute_metrics(test.labels, clf.decision_function(test.texts), names)
     metrics.pop("_logits", None)

@@ -334,6 +334,7 @@ class TrainingRecipe:
         self.prefix = None
         self.prefix_time: dict[str, float] = {}
         self.last_logits: dict[str, np.ndarray] = {}
+        self.teacher = None  # a distilled run's teacher (distill.Teacher): its logits join the loss
         self._resume_from: Optional[Path] = None
         self._cleanup = contextlib.ExitStack()  # undone by finish() or a failure: speed paths, threads, signals
         self._t_start = time.time()
@@ -372,6 +373,10 @@ class TrainingRecipe:
         set_seed(t.seed)
         self.bundle, self.tokenizer, self.encoded = self._data()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if cfg.distill is not None:  # `lorafit distill`: the teacher's logits for every training row (+ unlabelled)
+            from .distill import Teacher
+
+            self.teacher = Teacher.attach(self)
         set_seed(t.seed)  # the head's initialisation does not depend on how much data loading drew
         model, self.model_info = prepare_model(cfg.model, len(self.bundle.label_names), self.bundle.label_names)
         self.run_dir = self._open_run_dir(run_dir, resume_from)
@@ -426,6 +431,8 @@ class TrainingRecipe:
         if self.main:
             self.log = MetricsLog(self.run_dir / "metrics.jsonl")
             self.record.update(speed_paths=self.speed_paths, prefix_cache=self.prefix_decision)
+            if self.teacher is not None:
+                self.record.update(distillation={**self.record.data.get("distillation", {}), **self.teacher.info})
         # the budget covers what train_time_s counts: the steps and the training rows' prefix computation
         self.deadline = (time.time() + t.time_budget_minutes * 60 - self.state.train_time
                          - self.prefix_time.get("train", 0.0) if t.time_budget_minutes else None)
@@ -442,7 +449,7 @@ class TrainingRecipe:
         key = ("data", json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model, cfg.train.seed], sort_keys=True))
         if self.reuse is not None and key in self.reuse:
             return self.reuse[key]
-        bundle = load_data(cfg.data, cfg.train.seed)
+        bundle = load_data(cfg.data, cfg.data_seed)
         tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
         found = bundle, tokenizer, encode_splits(bundle, tokenizer, cfg)
         if self.reuse is not None:
@@ -615,7 +622,10 @@ class TrainingRecipe:
                     logits = self.prefix.logits(self.model, batch, "train", acc.device)
                 else:
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
+            if self.teacher is not None:  # distillation: hard labels + the teacher's soft labels (distill.py)
+                loss = self.teacher.loss(logits.float(), batch, self.cfg)
+            else:
+                loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
             scaled = loss / t.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if sync:
@@ -635,7 +645,7 @@ class TrainingRecipe:
         window = torch.stack([loss.detach(), (logits.argmax(-1) == batch["labels"]).sum()]).double()
         self._window = window if self._window is None else self._window + window
         st.loss_count += 1
-        st.seen += len(batch["labels"])
+        st.seen += len(batch["labels"]) if self.teacher is None else int((batch["labels"] >= 0).sum())  # labelled
         st.samples += len(batch["labels"])
         st.real_tokens += int(batch["attention_mask"].sum())
         st.padded_tokens += batch["attention_mask"].numel()
@@ -778,11 +788,28 @@ class TrainingRecipe:
                 atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
                 _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
             self.record.update(status="completed", finished_at=_now(), **info)
+            if self.teacher is not None:
+                self._record_distillation()
             if evaluate_test:  # the report is built around the test results
                 _report_if_available(self.run_dir, self.console)
             self._print_result(info, test_metrics)
         acc.wait_for_everyone()  # when train() returns on any process, the run directory is complete
         return Run(self.run_dir, self.cfg, test_metrics, info)
+
+    def _record_distillation(self) -> None:
+        """run.json's distillation section gets the student's side: its layers and its predict speed."""
+        from .distill import layer_count, student_speed
+
+        texts, speed = self.bundle.test.texts, {}
+        try:
+            speed = student_speed(self.run_dir, texts, self.cfg.train.eval_batch_size) if texts else {}
+        except Exception as exc:  # noqa: BLE001 - a measurement for the record must never fail a finished run
+            self.console.print(f"[yellow]warning: the student's predict speed could not be measured "
+                               f"({type(exc).__name__}: {exc})[/]")
+        self.record.update(distillation={**self.record.data.get("distillation", {}), **self.teacher.info,
+                                         "student_layers": layer_count(self.cfg), **speed,
+                                         "speed_measured": "in-run: teacher while computing its logits, student "
+                                                           "on the test split"})
 
     def _summary(self) -> dict[str, Any]:
         st, t, acc = self.state, self.cfg.train, self.accelerator

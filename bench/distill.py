@@ -1,0 +1,206 @@
+"""Distillation: a base-size teacher, its students and the default MiniLM run, on the same rows, over seeds.
+
+For each seed: trains the teacher (or takes one given with --teacher-run), the default MiniLM run trained
+directly (the baseline of goal 1), and each student distilled from that seed's teacher (so the student is
+scored on exactly the teacher's validation and test rows). Prints, per contender: test accuracy and macro F1
+(mean, std, min, max over the seeds), mean train time, and for the first seed's run the inference texts/s of
+each backend (torch fp32, ONNX fp32, ONNX int8; lorafit.load + decision_function, as `lorafit predict` runs)
+with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run (bench/inference.py's
+peer_predict and best_time). Saves everything to bench/out/distill.json (or --out).
+
+Contenders
+  teacher    --teacher-model (default embedded:all-mpnet-base-v2) with lorafit's default recipe: LoRA on the top 2
+             layers, the 10 frozen layers below computed once (frozen-prefix cache), 4 epochs.
+  default    lorafit's default run: embedded all-MiniLM-L6-v2 trained directly (no teacher).
+  minilm6    student: the 6-layer MiniLM distilled from the teacher (default recipe + distillation).
+  minilm3    student: MiniLM with only its first 3 layers (layer dropping), distilled.
+  minilm2    student: MiniLM with only its first 2 layers, distilled.
+
+    python bench/distill.py                                         # the table of docs/distill.md (hours)
+    python bench/distill.py --teacher-run runs/mpnet-s1 --teacher-run runs/mpnet-s2 --teacher-run runs/mpnet-s3
+    python bench/distill.py --seeds 1 --max-train-samples 64 --max-eval-samples 32 --epochs 0.2 \\
+        --teacher-model embedded:all-MiniLM-L6-v2 --repeat 1          # smoke test (numbers meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/inference.py, bench/cpu_kernels.py
+
+MINILM = "embedded:all-MiniLM-L6-v2"
+STUDENTS = {"minilm6": {"student": MINILM}, "minilm3": {"student": MINILM, "student_layers": 3},
+            "minilm2": {"student": MINILM, "student_layers": 2}}
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def overrides(args, seed: int) -> dict:
+    values = {"seed": seed, "checkpoint_every": None}
+    if args.epochs:
+        values["epochs"] = args.epochs
+    return values
+
+
+def data_overrides(args) -> dict:
+    values = {}
+    if args.max_train_samples:
+        values["max_train_samples"] = args.max_train_samples
+    if args.max_eval_samples:
+        values["max_eval_samples"] = args.max_eval_samples
+    return values
+
+
+def result(run) -> dict:
+    return {"run": str(run.path), "accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
+            "train_time_s": run.info["train_time_s"], "wall_time_s": run.info["wall_time_s"]}
+
+
+def texts_of(run_dir: Path) -> list[str]:
+    import pandas as pd
+
+    test = pd.read_csv(run_dir / "test_predictions.csv", dtype={"text": str}, keep_default_na=False)
+    return test["text"].tolist()
+
+
+def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, float]:
+    """texts/s of each predict backend on the run's test texts (exports ONNX fp32 + int8 first), and the int8
+    model's test accuracy from the export's own check (goal 2 is about the int8 student's accuracy)."""
+    import lorafit
+    from inference import best_time
+    from lorafit.export import export_onnx
+
+    check = export_onnx(run_dir, int8=True).get("check") or {}
+    speeds = {}
+    for backend in BACKENDS:
+        clf = lorafit.load(run_dir, backend=backend)
+        seconds, _ = best_time(lambda clf=clf: clf.decision_function(texts), repeat)
+        speeds[backend] = round(len(texts) / seconds, 1)
+        print(f"    {run_dir.name} {backend:10s} {speeds[backend]:8.1f} texts/s", flush=True)
+    speeds["onnx-int8_accuracy"] = check.get("onnx-int8", {}).get("accuracy")
+    return speeds
+
+
+def peer_speed(run_dir: Path, texts: list[str], repeat: int, batch_size: int) -> float:
+    """texts/s of the dynamic-padding Trainer.predict peer on `run_dir` (bench/inference.py)."""
+    from inference import best_time, peer_predict
+
+    _, fn = peer_predict(run_dir, texts, batch_size, dynamic=True)
+    seconds, _ = best_time(fn, repeat)
+    return round(len(texts) / seconds, 1)
+
+
+def summarise(runs: list[dict]) -> dict:
+    def stats(key):
+        values = [r[key] for r in runs]
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                "min": min(values), "max": max(values)}
+
+    return {"runs": len(runs), "accuracy": stats("accuracy"), "f1_macro": stats("f1_macro"),
+            "train_time_s": statistics.fmean(r["train_time_s"] for r in runs)}
+
+
+def markdown_table(summary: dict, speeds: dict, peer: float) -> str:
+    f = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731 - no spread from one seed
+    lines = ["| contender | runs | accuracy mean | std | min | max | macro F1 mean | train s | "
+             + " | ".join(f"{b} texts/s (x peer)" for b in BACKENDS) + " | onnx-int8 accuracy (seed 1) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in BACKENDS) + " | ---: |"]
+    for name, s in summary.items():
+        a = s["accuracy"]
+        cells = [f"{speeds[name][b]:.1f} ({speeds[name][b] / peer:.2f}x)" if name in speeds else "–" for b in BACKENDS]
+        lines.append(f"| {name} | {s['runs']} | {f(a['mean'])} | {f(a['std'])} | {f(a['min'])} | {f(a['max'])} | "
+                     f"{f(s['f1_macro']['mean'])} | {s['train_time_s']:.0f} | " + " | ".join(cells)
+                     + f" | {f(speeds.get(name, {}).get('onnx-int8_accuracy'))} |")
+    lines.append(f"\npeer: Trainer.predict with dynamic padding on the default MiniLM run, {peer:.1f} texts/s "
+                 "(bench/inference.py's peer-dynamic)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher-model", default="embedded:all-mpnet-base-v2", help="backbone of the trained teachers")
+    ap.add_argument("--teacher-run", action="append", type=Path, default=[],
+                    help="a completed teacher run to reuse (repeat: one per seed, in --seeds order); no teacher is "
+                    "trained then, and the seeds' splits are the teachers'")
+    ap.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated, of {', '.join(STUDENTS)}")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--epochs", type=float, default=None, help="every run's epochs (quick runs; default: the recipe's)")
+    ap.add_argument("--max-train-samples", type=int, default=None, help="teachers and baseline: at most this many "
+                    "training rows (students inherit their teacher's)")
+    ap.add_argument("--max-eval-samples", type=int, default=None, help="at most this many validation and test rows")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repetitions per backend (the best is kept)")
+    ap.add_argument("--peer-batch-size", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
+                    help="directory for runs/ and distill.json")
+    args = ap.parse_args()
+
+    import lorafit
+    from cpu_kernels import cpu_summary
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    students = [s for s in args.students.split(",") if s]
+    unknown = [s for s in students if s not in STUDENTS]
+    if unknown:
+        ap.error(f"--students: unknown {', '.join(unknown)}; known: {', '.join(STUDENTS)}")
+    if args.teacher_run and len(args.teacher_run) not in (1, len(seeds)):
+        ap.error("--teacher-run: give one run, or one per seed")
+    runs_dir = args.out / "runs" / "distill"
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "cpu": cpu_summary(), "seeds": seeds, "teacher_model": args.teacher_model,
+              "teacher_runs": [str(p) for p in args.teacher_run], "epochs": args.epochs,
+              "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
+              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    print(f"distillation bench, {header['date']}\nCPU: {header['cpu']}\n", flush=True)
+
+    runs: dict[str, list[dict]] = {"teacher": [], "default": [], **{s: [] for s in students}}
+    for i, seed in enumerate(seeds):
+        common = {**overrides(args, seed), "output_dir": str(runs_dir), "overwrite": True}
+        if args.teacher_run:
+            teacher_dir = args.teacher_run[i % len(args.teacher_run)]
+            teacher = lorafit.Run(teacher_dir, lorafit.Config.from_yaml(teacher_dir / "config.yaml"),
+                                  json.loads((teacher_dir / "test_metrics.json").read_text()),
+                                  json.loads((teacher_dir / "run.json").read_text()))
+        else:
+            print(f"seed {seed}: teacher {args.teacher_model}", flush=True)
+            teacher = lorafit.train(model=args.teacher_model, run_name=f"teacher-s{seed}", **common,
+                                    **data_overrides(args))
+        runs["teacher"].append(result(teacher))
+        print(f"seed {seed}: default MiniLM, trained directly", flush=True)
+        # the teacher's data and split, so that its test rows are the baseline's too
+        data = teacher.config.data.model_copy(update={"split_seed": teacher.config.data_seed})
+        runs["default"].append(result(lorafit.train(lorafit.Config(data=data), run_name=f"default-s{seed}", **common)))
+        for name in students:
+            print(f"seed {seed}: student {name}", flush=True)
+            runs[name].append(result(lorafit.distill(teacher.path, run_name=f"{name}-s{seed}", **STUDENTS[name],
+                                                     **common)))
+
+    first = {name: Path(rs[0]["run"]) for name, rs in runs.items()}
+    texts = texts_of(first["default"])
+    print("\ninference on the first seed's runs:", flush=True)
+    speeds = {name: backend_speeds(path, texts, args.repeat) for name, path in first.items()}
+    peer = peer_speed(first["default"], texts, args.repeat, args.peer_batch_size)
+    print(f"    peer-dynamic (Trainer.predict, default run) {peer:8.1f} texts/s", flush=True)
+
+    summary = {name: summarise(rs) for name, rs in runs.items()}
+    table = markdown_table(summary, speeds, peer)
+    print(f"\nCPU: {header['cpu']}\n{table}")
+    out = {"header": header, "summary": summary, "speeds": speeds, "peer_dynamic_texts_per_s": peer,
+           "n_texts": len(texts), "runs": runs, "table": table}
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lorafit.fileio import atomic_write_json
+
+    atomic_write_json(args.out / "distill.json", out)
+    print(f"saved {args.out / 'distill.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Distillation: a completed run (the teacher) teaches a new run (the student) on the teacher's own texts.
+
+    run = lorafit.distill("runs/mpnet-teacher", student="embedded:all-MiniLM-L6-v2", student_layers=3)
+
+The student is a normal run trained by train.TrainingRecipe; what distillation adds lives here:
+- the student's config: the teacher's data section (same file, splits and split seed, so validation and test
+  are exactly the teacher's), the teacher's model and train sections unless others are given, and a distill:
+  section (teacher run, temperature, loss weights, unlabelled file);
+- the teacher's logits on the training texts (and any unlabelled texts), computed once with the teacher's
+  fastest predict backend and cached in the teacher's run directory under distill-cache/, keyed by the text
+  (so a student with another tokenizer uses them as well);
+- the loss: hard_weight * CE(labels) + soft_weight * T^2 * KL(teacher || student) at temperature T.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DISTILL_FIELDS, FIELD_SECTIONS, Config
+from .errors import LorafitError
+from .fileio import atomic_write_bytes
+
+CACHE_DIR = "distill-cache"
+# cross_entropy's ignore_index: an unlabelled row carries no hard label, only the teacher's logits
+IGNORE_LABEL = -100
+# the student's data must be the teacher's, so only truncation may change (a student tokenizer's own length)
+STUDENT_DATA_OPTIONS = {"max_length"}
+
+
+# --- the loss ------------------------------------------------------------------------------------------------
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float, soft_weight: float, hard_weight: float,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """hard_weight * CE(student, labels) + soft_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    The cross-entropy is the mean over the labelled rows (IGNORE_LABEL rows count 0); the KL is the mean over
+    all rows. T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015)."""
+    labelled = (labels != IGNORE_LABEL).sum().clamp(min=1)
+    hard = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_LABEL, label_smoothing=label_smoothing,
+                           reduction="sum") / labelled
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return hard_weight * hard + soft_weight * soft
+
+
+# --- the teacher -----------------------------------------------------------------------------------------------
+def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]] = None) -> tuple[Config, dict]:
+    """The teacher run's config and run.json, or one line saying why it cannot teach."""
+    from .model import backbone_identity
+    from .predict import resolve_backend
+    from .rundir import read_labels, read_run
+
+    teacher = Path(teacher_run)
+    if not teacher.is_dir():
+        raise LorafitError(f"{teacher}: teacher run not found; give a completed run directory")
+    _, cfg, info = read_run(teacher)  # a run that did not complete is refused here, saying how to finish it
+    if not (teacher / "model").is_dir():
+        raise LorafitError(f"{teacher}: the teacher run has no final weights (model/); train it to completion first")
+    if label_names is not None and read_labels(teacher) != list(label_names):
+        raise LorafitError(f"{teacher}: the teacher's labels {read_labels(teacher)} differ from the student's "
+                           f"{list(label_names)}; distil on the teacher's own data")
+    if resolve_backend(teacher, "auto")[0] == "torch" and cfg.model.method != "full":
+        try:  # a LoRA or head-only teacher is rebuilt on its backbone, which must still be there
+            backbone_identity(cfg.model.model)
+        except LorafitError as exc:
+            raise LorafitError(f"{teacher}: the teacher's backbone {cfg.model.model} cannot be found ({exc})") from None
+    return cfg, info
+
+
+def _weights_sha256(teacher: Path, onnx_path: Optional[Path]) -> str:
+    """What decides the teacher's logits besides its backbone: its trained weights (or its ONNX export)."""
+    from .model import _file_sha256  # lorafit's own file hashing, cached per file
+
+    if onnx_path is not None:
+        return _file_sha256(onnx_path)
+    digest = hashlib.sha256()  # model/: safetensors and their JSON configs (not the model card README.md)
+    for path in sorted(p for p in (teacher / "model").iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(teacher: Path, texts: list[str], backend: str, onnx_path: Optional[Path]) -> str:
+    """sha256 of everything the cached logits depend on: the teacher's backbone and weights, the backend, its
+    max_length and cleaning, and the texts themselves (not token ids: a student's tokenizer does not matter)."""
+    from .rundir import read_run
+
+    _, cfg, info = read_run(teacher)
+    digest = hashlib.sha256(json.dumps({
+        "backbone": (info.get("backbone") or {}).get("sha256"), "weights": _weights_sha256(teacher, onnx_path),
+        "backend": backend, "max_length": cfg.data.max_length, "num_layers": cfg.model.num_layers,
+    }, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, key: str, rows: int) -> Optional[dict[str, Any]]:
+    """The cached logits when the file holds exactly this key and row count; anything else is recomputed."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:  # plain arrays only: nothing is unpickled
+            if str(saved["key"]) != key or saved["logits"].shape[0] != rows:
+                return None
+            return {"logits": saved["logits"].astype(np.float32), "backend": str(saved["backend"]),
+                    "texts_per_s": float(saved["texts_per_s"])}
+    except (OSError, ValueError, KeyError, EOFError):  # a damaged or foreign file: compute again
+        return None
+
+
+def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: int = 64,
+                   console=None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The teacher's logits on `texts` (already cleaned as the teacher's data is), from the cache in the teacher's
+    run directory or computed once with its fastest predict backend (the ONNX export when it has one) and cached.
+    Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
+    from .data import encode
+    from .predict import load, resolve_backend
+
+    teacher = Path(teacher_run)
+    backend, onnx_path = resolve_backend(teacher, "auto")
+    key = cache_key(teacher, texts, backend, onnx_path)
+    path = teacher / CACHE_DIR / f"{key}.npz"
+    found = _read_cache(path, key, len(texts))
+    reused = found is not None
+    if found is None:
+        clf = load(teacher, backend=backend, batch_size=batch_size)
+        if console is not None:
+            console.print(f"teacher {teacher}: computing its logits on {len(texts)} texts ({clf.backend.name}), once")
+        pad = clf.tokenizer.pad_token_id if clf.tokenizer.pad_token_id is not None else 0
+        start = time.perf_counter()
+        logits = clf.backend.logits(encode(clf.tokenizer, texts, clf.max_length), batch_size, pad)
+        seconds = time.perf_counter() - start
+        found = {"logits": logits.astype(np.float32), "backend": clf.backend.name,
+                 "texts_per_s": round(len(texts) / max(seconds, 1e-9), 2)}
+        buf = io.BytesIO()
+        np.savez(buf, key=np.array(key), logits=found["logits"], backend=np.array(found["backend"]),
+                 texts_per_s=np.array(found["texts_per_s"]))
+        atomic_write_bytes(path, buf.getvalue())
+    elif console is not None:
+        console.print(f"teacher {teacher}: logits of {len(texts)} texts from its cache {path.name}")
+    return found["logits"], {"cache_file": str(path), "cache_reused": reused, "teacher_backend": found["backend"],
+                             "teacher_texts_per_s": found["texts_per_s"]}
+
+
+def read_unlabelled(path: Union[str, Path], text_column: str, clean: bool) -> list[str]:
+    """The unlabelled file's texts (cleaned as the training texts are); a missing text column is one line."""
+    from .data import clean_text
+    from .predict import input_texts, read_inputs
+
+    path = Path(path)
+    df = read_inputs(path, text_column=text_column)
+    if text_column not in df.columns:
+        raise LorafitError(f"{path}: no text column '{text_column}' (columns: {', '.join(map(str, df.columns))}); "
+                           "name it with --unlabelled-text-column")
+    texts = input_texts(df, [text_column], str(path))
+    texts = [clean_text(t) for t in texts] if clean else texts
+    return [t for t in texts if t]
+
+
+class Teacher:
+    """What a student recipe holds of its teacher: per-example logits for its training rows (indexed like the
+    recipe's encoded train split, unlabelled rows appended) and the facts run.json records."""
+
+    def __init__(self, logits: torch.Tensor, info: dict[str, Any]):
+        self.logits = logits
+        self.info = info
+
+    @classmethod
+    def attach(cls, recipe) -> "Teacher":
+        """Check the teacher, append the unlabelled rows to the recipe's encoded train split (label IGNORE_LABEL)
+        and load or compute the teacher's logits for every training row. Called before the run directory exists,
+        so bad input writes nothing."""
+        from .data import Encoded, encode
+
+        cfg, d = recipe.cfg, recipe.cfg.distill
+        teacher_cfg, teacher_info = check_teacher(d.teacher_run, recipe.bundle.label_names)
+        unlabelled = read_unlabelled(d.unlabelled_file, d.unlabelled_text_column, cfg.data.clean_text) \
+            if d.unlabelled_file else []
+        if unlabelled:
+            extra = encode(recipe.tokenizer, unlabelled, cfg.data.max_length)
+            train = recipe.encoded["train"]
+            recipe.encoded = {**recipe.encoded, "train": Encoded(
+                train.input_ids + extra.input_ids,
+                np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
+                np.concatenate([train.full_lengths, extra.full_lengths]))}  # a copy: `reuse` keeps the plain one
+            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
+        # every process needs the logits; the main process computes and caches them first, the others read the cache
+        with recipe.process.main_process_first():
+            logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + unlabelled,
+                                           cfg.train.eval_batch_size, recipe.console if recipe.main else None)
+        return cls(torch.from_numpy(logits), {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
+                                              "unlabelled_rows": len(unlabelled), **cache})
+
+    def loss(self, logits: torch.Tensor, batch: dict, cfg: Config) -> torch.Tensor:
+        d = cfg.distill
+        if self.logits.device != logits.device:  # moved once, on the first step
+            self.logits = self.logits.to(logits.device)
+        teacher = self.logits[batch["index"]]
+        return distillation_loss(logits, batch["labels"], teacher, d.temperature, d.soft_weight, d.hard_weight,
+                                 cfg.train.label_smoothing)
+
+
+def teacher_summary(teacher: Path, cfg: Config, info: dict) -> dict[str, Any]:
+    test = json.loads((teacher / "test_metrics.json").read_text(encoding="utf-8")) \
+        if (teacher / "test_metrics.json").is_file() else {}
+    model = info.get("model", {})
+    return {
+        "teacher_run": str(teacher.resolve()), "teacher_name": teacher.name, "teacher_backbone": cfg.model.model,
+        "teacher_layers": layer_count(cfg), "teacher_method": cfg.model.method,
+        "teacher_test_metrics": {k: test.get(k) for k in ("accuracy", "f1_macro", "loss") if k in test},
+        "teacher_trainable_params": model.get("trainable_params"), "teacher_total_params": model.get("total_params"),
+    }
+
+
+def check_layers(cfg: Config) -> None:
+    """Refuse model.num_layers beyond the backbone's layer count (reads its config only, no weights)."""
+    from transformers import AutoConfig
+
+    from .model import _from_pretrained, keep_first_layers
+
+    hf_config = _from_pretrained(AutoConfig.from_pretrained, cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    keep_first_layers(hf_config, cfg.model.num_layers, cfg.model.model)
+
+
+def layer_count(cfg: Config) -> Optional[int]:
+    """Encoder layers of a run's model: model.num_layers, else the backbone config's own count."""
+    if cfg.model.num_layers is not None:
+        return cfg.model.num_layers
+    from transformers import AutoConfig
+
+    from .model import _from_pretrained, encoder_layer_count
+
+    try:
+        return encoder_layer_count(_from_pretrained(AutoConfig.from_pretrained, cfg.model.model,
+                                                    trust_remote_code=cfg.model.trust_remote_code))
+    except LorafitError:  # only for the record: a backbone config that cannot be read leaves it unknown
+        return None
+
+
+def student_speed(run_dir: Path, texts: list[str], batch_size: int = 64) -> dict[str, Any]:
+    """The finished student's predict texts/s on its test texts with the torch backend (measured in-run)."""
+    from .data import encode
+    from .predict import load
+
+    clf = load(run_dir, backend="torch", batch_size=batch_size)
+    pad = clf.tokenizer.pad_token_id if clf.tokenizer.pad_token_id is not None else 0
+    enc = encode(clf.tokenizer, texts, clf.max_length)
+    start = time.perf_counter()
+    clf.backend.logits(enc, batch_size, pad)
+    seconds = time.perf_counter() - start
+    return {"student_backend": clf.backend.name, "student_texts_per_s": round(len(texts) / max(seconds, 1e-9), 2)}
+
+
+# --- the student's config and the entry point ---------------------------------------------------------------------
+def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, str, Path, None] = None,
+                   **overrides) -> Config:
+    """The student's config: `config` (default: the teacher's own) with the teacher's data section and split seed,
+    the distill section, and flat overrides (`student` = model, `student_layers` = num_layers, any leaf name)."""
+    from datetime import datetime
+
+    from .config import OutputConfig
+    from .train import _as_config
+
+    teacher = Path(teacher_run)
+    teacher_cfg, _ = check_teacher(teacher)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "student" in overrides:
+        overrides["model"] = overrides.pop("student")
+    if "student_layers" in overrides:
+        overrides["num_layers"] = overrides.pop("student_layers")
+    distill_values = {k: overrides.pop(k) for k in list(overrides) if k in DISTILL_FIELDS}
+    distill_values.pop("teacher_run", None)
+    changed_data = sorted(k for k in overrides if FIELD_SECTIONS.get(k) == "data" and k not in STUDENT_DATA_OPTIONS)
+    if changed_data:
+        raise LorafitError(f"distill: {', '.join(changed_data)} cannot change: the student trains on the teacher's "
+                           f"data and splits so that their scores compare; only {', '.join(STUDENT_DATA_OPTIONS)} may")
+    base = _as_config(config) if config is not None else teacher_cfg
+    values = base.model_dump(mode="json")
+    values.pop("search", None)
+    values["data"] = {**teacher_cfg.data.model_dump(mode="json"), "split_seed": teacher_cfg.data_seed}
+    if config is None:  # a new run beside the teacher, never the teacher's own directory name
+        values["output"] = OutputConfig(output_dir=teacher_cfg.output.output_dir).model_dump(mode="json")
+    values["distill"] = {**(values.get("distill") or {}), "teacher_run": str(teacher), **distill_values}
+    cfg = Config.from_dict(values, source="distill").with_overrides(overrides)
+    if cfg.model.num_layers is not None:  # K beyond the student's layers: one line now, before any work
+        check_layers(cfg)
+    if cfg.output.run_name is None:
+        model = cfg.model.model.split("/")[-1].split(":")[-1]
+        layers = f"-{cfg.model.num_layers}L" if cfg.model.num_layers else ""
+        name = f"{teacher.name}-student-{model}{layers}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        cfg = cfg.with_overrides({"run_name": name})
+    return cfg
+
+
+def distill(teacher_run: Union[str, Path], config: Union[Config, dict, str, Path, None] = None, *, console=None,
+            **overrides):
+    """Train a student on a completed teacher run's logits (see the module doc); return the student's Run.
+    Overrides are leaf names as in lorafit.train, plus student= (the model) and student_layers= (K)."""
+    from .train import train
+
+    return train(student_config(teacher_run, config, **overrides), console=console)
