@@ -268,6 +268,39 @@ class Batcher:
                 job.done_one(i, row)
 
 
+class AuthAndMetrics:
+    """The API key check and the request metrics, as a plain ASGI middleware: `@app.middleware("http")` (Starlette's
+    BaseHTTPMiddleware) adds a task and memory streams to every request, a cost the server pays on every text."""
+
+    def __init__(self, app, api_key: Optional[str], metrics: Metrics, unauthorized, route_paths):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.unauthorized, self.route_paths = unauthorized, route_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        start, path, status = time.perf_counter(), scope["path"], [500]
+
+        async def send_and_see_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path not in UNPROTECTED and not _has_key(Headers(scope=scope), self.api_key):
+                await self.unauthorized()(scope, receive, send_and_see_status)
+            else:
+                await self.app(scope, receive, send_and_see_status)
+        finally:  # an exception here becomes Starlette's 500, counted as one
+            # the route, not the raw path: bounded label values (a 401 is answered before routing, hence the set)
+            label = path if path in self.route_paths() else "other"
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+
 # --- the app --------------------------------------------------------------------------------------------------
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))
@@ -359,19 +392,10 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     async def _internal_error(request, exc):  # logged by Starlette with its traceback; the body stays one line
         return error(500, "internal error; see the server log")
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        if opts.api_key and request.url.path not in UNPROTECTED and not _has_key(request, opts.api_key):
-            response = error(401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-                             headers={"WWW-Authenticate": "Bearer"})
-        else:
-            response = await call_next(request)
-        # the route, not the raw path: bounded label values (a 401 is answered before routing, hence the set)
-        path = request.url.path if request.url.path in route_paths else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    unauthorized = lambda: error(401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",  # noqa: E731
+                                 headers={"WWW-Authenticate": "Bearer"})
+    app.add_middleware(AuthAndMetrics, api_key=opts.api_key, metrics=metrics, unauthorized=unauthorized,
+                       route_paths=lambda: route_paths)
 
     async def classify_texts(texts: list[str]) -> np.ndarray:
         if not state["ready"]:
@@ -456,9 +480,9 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     return app
 
 
-def _has_key(request, key: str) -> bool:
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+def _has_key(headers, key: str) -> bool:
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
     return secrets.compare_digest(given.encode(), key.encode())  # constant time: no key guessing by timing
 
 
