@@ -130,8 +130,8 @@ def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: 
     """Load a completed run's classifier (weights are read as safetensors or ONNX; nothing is unpickled).
 
     backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
-    batch_size: texts per forward, sorted by length. 16 beat 64 on a 2-core CPU (onnx-int8 ~1.15x, onnx ~1.3x,
-    torch about even; docs/speed.md); on a GPU larger batches pay.
+    batch_size: texts per forward, sorted by length. On a 2-core CPU 16 ran torch 1.2x faster than 64 and ONNX as
+    fast (bench/inference.py, docs/serving.md); on a GPU larger batches pay.
     precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
     allow_different_base: rebuild a LoRA or head-only run (torch backend) on its backbone even when that backbone
     is no longer the one recorded in run.json (`backbone`); by default that is refused. Full fine-tuning runs
