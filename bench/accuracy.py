@@ -132,12 +132,15 @@ def contender_name(spec: str) -> str:
     return spec if spec in PRESETS or spec in BASELINES else Path(spec).stem
 
 
-def summarise(runs: list[dict]) -> dict:
-    def stats(key):
-        values = [r[key] for r in runs]
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-                "min": min(values), "max": max(values)}
+def seed_stats(runs: list[dict], key: str) -> dict:
+    """Mean, sample std (None from one seed), min and max of `key` over the seeds' runs."""
+    values = [r[key] for r in runs]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
 
+
+def summarise(runs: list[dict]) -> dict:
+    stats = lambda key: seed_stats(runs, key)  # noqa: E731
     return {"runs": len(runs), "accuracy": stats("accuracy"), "f1_macro": stats("f1_macro"),
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
             "wall_s": statistics.fmean(r["wall_s"] for r in runs)}

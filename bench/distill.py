@@ -100,12 +100,9 @@ def peer_speed(run_dir: Path, texts: list[str], repeat: int, batch_size: int) ->
 
 
 def summarise(runs: list[dict]) -> dict:
-    def stats(key):
-        values = [r[key] for r in runs]
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-                "min": min(values), "max": max(values)}
+    from accuracy import seed_stats  # bench/accuracy.py: the same per-seed statistics as its table
 
-    return {"runs": len(runs), "accuracy": stats("accuracy"), "f1_macro": stats("f1_macro"),
+    return {"runs": len(runs), "accuracy": seed_stats(runs, "accuracy"), "f1_macro": seed_stats(runs, "f1_macro"),
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs)}
 
 
