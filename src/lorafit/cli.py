@@ -59,6 +59,13 @@ def _is_optional(annotation) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
+def _section_flag(section, name: str, value):
+    """A flag of a section kept out of SECTIONS (search:, distill:): 'none'/'null' is None where the field allows it;
+    anything else goes to the config as given, which validates it."""
+    optional = _is_optional(section.model_fields[name].annotation)
+    return None if optional and str(value).strip().lower() in ("none", "null") else value
+
+
 def _choices(annotation) -> list[str]:
     for a in (annotation, *typing.get_args(annotation)):
         if typing.get_origin(a) is typing.Literal:
@@ -193,8 +200,7 @@ def _search(config_file: Optional[Path] = None, print_config: bool = False, **fl
         if value is None:
             continue
         if name in SEARCH_FIELDS:
-            optional = _is_optional(SearchConfig.model_fields[name].annotation)
-            overrides[name] = None if optional and str(value).strip().lower() in ("none", "null") else value
+            overrides[name] = _section_flag(SearchConfig, name, value)
         else:
             overrides[name] = parse_flag(name, value)
     cfg = search_config(Config.from_yaml(config_file) if config_file else None, **overrides)
@@ -254,13 +260,12 @@ def _distill_signature() -> inspect.Signature:
 
 @cli_errors
 def _distill(teacher_run: Path, config_file: Optional[Path] = None, print_config: bool = False, **flags):
-    from .config import DISTILL_FIELDS
+    from .config import DISTILL_FIELDS, DistillConfig
     from .distill import student_config
     from .train import train
 
-    overrides = {k: (v if k in DISTILL_FIELDS else parse_flag(k, v)) for k, v in flags.items() if v is not None}
-    if overrides.get("unlabelled_file", "").lower() in ("none", "null"):
-        overrides["unlabelled_file"] = None
+    overrides = {k: (_section_flag(DistillConfig, k, v) if k in DISTILL_FIELDS else parse_flag(k, v))
+                 for k, v in flags.items() if v is not None}
     cfg = student_config(teacher_run, Config.from_yaml(config_file) if config_file else None, **overrides)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
