@@ -18,6 +18,10 @@ Contenders
     python bench/accuracy.py --seeds 1,2,3                            # default, mpnet, peer, tfidf
     python bench/accuracy.py configs/quality.yaml --seeds 1,2,3       # ... and a recipe from a YAML file
     python bench/accuracy.py --only default,tfidf --max-train-samples 200 --max-eval-samples 200 --epochs 0.2 --seeds 1
+
+Each finished run is also written to OUT/results/<contender>-seed<k>.json with what defines it (the config's text,
+the overrides); --resume reuses those whose definition is unchanged, so a table of several hours can be built in
+parts and an interrupted one continued. Changing a YAML file invalidates its runs.
 """
 
 from __future__ import annotations
@@ -56,16 +60,15 @@ def data_overrides(args, seed: int) -> dict:
 
 def run_lorafit(spec: str, seed: int, args) -> dict:
     import lorafit
-    from lorafit.config import Config
 
-    cfg = Config.from_yaml(spec) if spec not in PRESETS else Config().with_overrides(PRESETS[spec])
+    cfg = lorafit_config(spec)
     overrides = dict(data_overrides(args, seed), output_dir=str(Path(args.out) / "runs"),
                      run_name=f"{contender_name(spec)}-seed{seed}", overwrite=True)
     if args.epochs:
         overrides["epochs"] = args.epochs
     run = lorafit.train(cfg.with_overrides(overrides, source=spec))
     return {"accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
-            "n_test": run.test_metrics["n"], "train_time_s": run.info["train_time_s"],
+            "val_accuracy": run.info.get("best_validation_accuracy"), "n_test": run.test_metrics["n"], "train_time_s": run.info["train_time_s"],
             "wall_s": run.info["wall_time_s"], "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
 
 
@@ -113,7 +116,7 @@ def run_tfidf(seed: int, args) -> dict:
     predicted = best[2].predict(vectorizer.transform(bundle.test.texts))
     return {"accuracy": float(accuracy_score(bundle.test.labels, predicted)),
             "f1_macro": float(f1_score(bundle.test.labels, predicted, average="macro")),
-            "n_test": len(bundle.test.texts), "train_time_s": round(train_time, 2),
+            "n_test": len(bundle.test.texts), "val_accuracy": best[0], "train_time_s": round(train_time, 2),
             "wall_s": round(time.time() - t0, 2), "C": best[1]}
 
 
@@ -132,6 +135,20 @@ def contender_name(spec: str) -> str:
     return spec if spec in PRESETS or spec in BASELINES else Path(spec).stem
 
 
+def lorafit_config(spec: str):
+    from lorafit.config import Config
+
+    return Config.from_yaml(spec) if spec not in PRESETS else Config().with_overrides(PRESETS[spec])
+
+
+def run_key(spec: str, args) -> dict:
+    """What defines a (contender, seed) run, for --resume: a lorafit contender's whole resolved config (so a changed
+    default or YAML file is run again), a baseline's name, and the overrides."""
+    definition = spec if spec in BASELINES else lorafit_config(spec).model_dump(mode="json", exclude={"output"})
+    return {"definition": definition, "epochs": args.epochs, "max_train_samples": args.max_train_samples,
+            "max_eval_samples": args.max_eval_samples}
+
+
 def seed_stats(runs: list[dict], key: str) -> dict:
     """Mean, sample std (None from one seed), min and max of `key` over the seeds' runs."""
     values = [r[key] for r in runs]
@@ -141,7 +158,9 @@ def seed_stats(runs: list[dict], key: str) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     stats = lambda key: seed_stats(runs, key)  # noqa: E731
+    val = [r["val_accuracy"] for r in runs if r.get("val_accuracy") is not None]
     return {"runs": len(runs), "accuracy": stats("accuracy"), "f1_macro": stats("f1_macro"),
+            "val_accuracy": statistics.fmean(val) if len(val) == len(runs) else None,
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
             "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
 
@@ -150,12 +169,13 @@ def markdown_table(summary: dict[str, dict]) -> str:
     def f(x):
         return "–" if x is None else f"{x:.4f}"  # no spread from one seed
 
-    lines = ["| contender | runs | accuracy mean | std | min | max | macro F1 mean | std | min | max | train s | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| contender | runs | accuracy mean | std | min | max | macro F1 mean | std | min | max | val acc mean "
+             "| train s | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary.items():
         a, m = s["accuracy"], s["f1_macro"]
         lines.append(f"| {name} | {s['runs']} | {f(a['mean'])} | {f(a['std'])} | {f(a['min'])} | {f(a['max'])} | "
-                     f"{f(m['mean'])} | {f(m['std'])} | {f(m['min'])} | {f(m['max'])} | "
+                     f"{f(m['mean'])} | {f(m['std'])} | {f(m['min'])} | {f(m['max'])} | {f(s['val_accuracy'])} | "
                      f"{s['train_time_s']:.0f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -172,6 +192,8 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None,
                         help="use at most this many validation and test rows each (quick runs only)")
     parser.add_argument("--out", default="bench/out/accuracy", help="directory for runs, results.json/csv, table.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse runs saved in OUT/results/ whose config and overrides are unchanged")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,6 +225,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for name, spec in names.items():
         for seed in seeds:
+            saved = out / "results" / f"{name}-seed{seed}.json"
+            key = run_key(spec, args)
+            if args.resume and saved.exists():
+                previous = json.loads(saved.read_text())
+                if previous.get("key") == key:
+                    runs.setdefault(name, []).append(previous["result"])
+                    print(f"reusing {name} seed {seed} from {saved} (measured {previous['date']})", flush=True)
+                    continue
             cmd = [sys.executable, __file__, "--worker", spec, "--seed", str(seed), "--out", str(out)]
             for flag, value in (("--epochs", args.epochs), ("--max-train-samples", args.max_train_samples),
                                 ("--max-eval-samples", args.max_eval_samples)):
@@ -217,6 +247,7 @@ def main() -> None:
                 continue
             result = dict(json.loads(line[7:]), contender=name, seed=seed, process_s=round(time.time() - t0, 1))
             runs.setdefault(name, []).append(result)
+            atomic_write_json(saved, {"key": key, "date": header["date"], "cpu": header["cpu"], "result": result})
             print(f"  accuracy {result['accuracy']:.4f}  macro F1 {result['f1_macro']:.4f}  "
                   f"train {result['train_time_s']:.0f}s  wall {result['wall_s']:.0f}s", flush=True)
 
@@ -224,6 +255,7 @@ def main() -> None:
     table = markdown_table(summary)
     n_test = next((r["n_test"] for rs in runs.values() for r in rs if r.get("n_test")), None)
     notes = [f"Seeds {args.seeds}; test accuracy and macro F1 over the seeds (std: sample standard deviation); "
+             "val acc: mean best validation accuracy (what decisions use; the peer reports none); "
              "train s: mean training time (lorafit's train_time_s, the peer's Trainer.train minus its evaluations, "
              "the baseline's fit and C search); wall s: mean time from loading the data to the test metrics."]
     if n_test and runs:
