@@ -126,7 +126,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(4, gt=0, description="Training epochs (may be fractional).")
+    epochs: float = Field(2, gt=0, description="Training epochs (may be fractional).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, description="Training batch size per device.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
