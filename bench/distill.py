@@ -10,7 +10,7 @@ peer_predict and best_time). Saves everything to bench/out/distill.json (or --ou
 
 Contenders
   teacher    --teacher-model (default embedded:all-mpnet-base-v2) with lorafit's default recipe: LoRA on the top 2
-             layers, the 10 frozen layers below computed once (frozen-prefix cache), 4 epochs.
+             layers, the 10 frozen layers below computed once (frozen-prefix cache), the default's epochs.
   default    lorafit's default run: embedded all-MiniLM-L6-v2 trained directly (no teacher).
   minilm6    student: the 6-layer MiniLM distilled from the teacher (default recipe + distillation).
   minilm3    student: MiniLM with only its first 3 layers (layer dropping), distilled.
@@ -18,6 +18,8 @@ Contenders
 
     python bench/distill.py                                         # the table of docs/distill.md (hours)
     python bench/distill.py --teacher-run runs/mpnet-s1 --teacher-run runs/mpnet-s2 --teacher-run runs/mpnet-s3
+    python bench/distill.py --teacher-run T1 --teacher-run T2 --teacher-run T3 --default-run D1 --default-run D2 \\
+        --default-run D3                     # completed runs of bench/accuracy.py (its mpnet and default rows)
     python bench/distill.py --seeds 1 --max-train-samples 64 --max-eval-samples 32 --epochs 0.2 \\
         --teacher-model embedded:all-MiniLM-L6-v2 --repeat 1          # smoke test (numbers meaningless)
 """
@@ -63,6 +65,14 @@ def data_overrides(args) -> dict:
 def result(run) -> dict:
     return {"run": str(run.path), "accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
             "train_time_s": run.info["train_time_s"], "wall_time_s": run.info["wall_time_s"]}
+
+
+def completed_run(run_dir: Path):
+    import lorafit
+
+    return lorafit.Run(run_dir, lorafit.Config.from_yaml(run_dir / "config.yaml"),
+                       json.loads((run_dir / "test_metrics.json").read_text()),
+                       json.loads((run_dir / "run.json").read_text()))
 
 
 def texts_of(run_dir: Path) -> list[str]:
@@ -128,6 +138,9 @@ def main() -> None:
     ap.add_argument("--teacher-run", action="append", type=Path, default=[],
                     help="a completed teacher run to reuse (repeat: one per seed, in --seeds order); no teacher is "
                     "trained then, and the seeds' splits are the teachers'")
+    ap.add_argument("--default-run", action="append", type=Path, default=[],
+                    help="a completed default MiniLM run to reuse, one per seed in --seeds order; it must have been "
+                    "trained on its teacher's split (the same seed and data)")
     ap.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated, of {', '.join(STUDENTS)}")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--epochs", type=float, default=None, help="every run's epochs (quick runs; default: the recipe's)")
@@ -150,6 +163,8 @@ def main() -> None:
         ap.error(f"--students: unknown {', '.join(unknown)}; known: {', '.join(STUDENTS)}")
     if args.teacher_run and len(args.teacher_run) not in (1, len(seeds)):
         ap.error("--teacher-run: give one run, or one per seed")
+    if args.default_run and len(args.default_run) != len(seeds):
+        ap.error("--default-run: give one run per seed")
     runs_dir = args.out / "runs" / "distill"
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "cpu": cpu_summary(), "seeds": seeds, "teacher_model": args.teacher_model,
@@ -162,19 +177,23 @@ def main() -> None:
     for i, seed in enumerate(seeds):
         common = {**overrides(args, seed), "output_dir": str(runs_dir), "overwrite": True}
         if args.teacher_run:
-            teacher_dir = args.teacher_run[i % len(args.teacher_run)]
-            teacher = lorafit.Run(teacher_dir, lorafit.Config.from_yaml(teacher_dir / "config.yaml"),
-                                  json.loads((teacher_dir / "test_metrics.json").read_text()),
-                                  json.loads((teacher_dir / "run.json").read_text()))
+            teacher = completed_run(args.teacher_run[i % len(args.teacher_run)])
         else:
             print(f"seed {seed}: teacher {args.teacher_model}", flush=True)
             teacher = lorafit.train(model=args.teacher_model, run_name=f"teacher-s{seed}", **common,
                                     **data_overrides(args))
         runs["teacher"].append(result(teacher))
-        print(f"seed {seed}: default MiniLM, trained directly", flush=True)
         # the teacher's data and split, so that its test rows are the baseline's too
         data = teacher.config.data.model_copy(update={"split_seed": teacher.config.data_seed})
-        runs["default"].append(result(lorafit.train(lorafit.Config(data=data), run_name=f"default-s{seed}", **common)))
+        if args.default_run:
+            default = completed_run(args.default_run[i])
+            if default.config.data.model_copy(update={"split_seed": default.config.data_seed}) != data:
+                sys.exit(f"--default-run {default.path}: its data or split differs from its teacher's "
+                         f"({teacher.path}); give the default run of the same seed and data")
+        else:
+            print(f"seed {seed}: default MiniLM, trained directly", flush=True)
+            default = lorafit.train(lorafit.Config(data=data), run_name=f"default-s{seed}", **common)
+        runs["default"].append(result(default))
         for name in students:
             print(f"seed {seed}: student {name}", flush=True)
             runs[name].append(result(lorafit.distill(teacher.path, run_name=f"{name}-s{seed}", **STUDENTS[name],
