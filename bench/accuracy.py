@@ -19,9 +19,10 @@ Contenders
     python bench/accuracy.py configs/quality.yaml --seeds 1,2,3       # ... and a recipe from a YAML file
     python bench/accuracy.py --only default,tfidf --max-train-samples 200 --max-eval-samples 200 --epochs 0.2 --seeds 1
 
-Each finished run is also written to OUT/results/<contender>-seed<k>.json with what defines it (the config's text,
-the overrides); --resume reuses those whose definition is unchanged, so a table of several hours can be built in
-parts and an interrupted one continued. Changing a YAML file invalidates its runs.
+Each finished run is also written to OUT/results/<contender>-seed<k>.json with what defines it (a lorafit
+contender's whole resolved config, the overrides); --resume reuses those whose definition is unchanged, so a table
+of several hours can be built in parts and an interrupted one continued. A changed default or YAML file is run
+again; a baseline is known by its name only, so after changing its code, run it without --resume.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def run_lorafit(spec: str, seed: int, args) -> dict:
         overrides["epochs"] = args.epochs
     run = lorafit.train(cfg.with_overrides(overrides, source=spec))
     return {"accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
-            "val_accuracy": run.info.get("best_validation_accuracy"), "n_test": run.test_metrics["n"], "train_time_s": run.info["train_time_s"],
-            "wall_s": run.info["wall_time_s"], "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
+            "val_accuracy": run.info.get("best_validation_accuracy"), "n_test": run.test_metrics["n"],
+            "train_time_s": run.info["train_time_s"], "wall_s": run.info["wall_time_s"],
+            "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
 
 
 def run_peer(seed: int, args) -> dict:

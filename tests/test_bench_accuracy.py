@@ -56,8 +56,8 @@ def test_tfidf_end_to_end(tmp_path):
 
 def test_resume_reuses_only_unchanged_runs(tmp_path):
     def bench(*extra):
-        proc = subprocess.run([sys.executable, str(BENCH), "--only", "tfidf", "--seeds", "1", "--max-eval-samples", "100",
-                               "--out", str(tmp_path), "--resume", *extra], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, str(BENCH), "--only", "tfidf", "--seeds", "1", "--max-eval-samples",
+                               "100", "--out", str(tmp_path), "--resume", *extra], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
