@@ -74,6 +74,17 @@ def test_teacher_logits_are_computed_once_and_keyed_by_text(run_copy, monkeypatc
     assert not info["cache_reused"]
 
 
+
+def test_bf16_teacher_logits_have_their_own_cache_entry(run_copy):
+    texts = ["Stocks fall as oil climbs", "Federer wins the final", "New chip is faster"]
+    fp32, info32 = teacher_logits(run_copy, texts)
+    bf16, info16 = teacher_logits(run_copy, texts, precision="bf16")
+    assert (info32["teacher_backend"], info16["teacher_backend"]) == ("torch", "torch-bf16")
+    assert not info16["cache_reused"] and info16["cache_file"] != info32["cache_file"]
+    # bf16 keeps 8 bits of mantissa: close to fp32, and not the same numbers (the fp32 entry was not reused)
+    assert np.allclose(bf16, fp32, atol=0.1) and not np.array_equal(bf16, fp32)
+    assert teacher_logits(run_copy, texts, precision="bf16")[1]["cache_reused"]
+
 # --- layer dropping -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_layer_dropping_keeps_the_first_k_pretrained_layers(tiny_model_dir, family):

@@ -119,21 +119,25 @@ def _read_cache(path: Path, key: str, rows: int) -> Optional[dict[str, Any]]:
 
 
 def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: int = 64,
-                   console=None) -> tuple[np.ndarray, dict[str, Any]]:
+                   console=None, device: str = "cpu", precision: str = "fp32") -> tuple[np.ndarray, dict[str, Any]]:
     """The teacher's logits on `texts` (already cleaned as the teacher's data is), from the cache in the teacher's
-    run directory or computed once with its fastest predict backend (the ONNX export when it has one) and cached.
+    run directory or computed once with its fastest predict backend (the ONNX export when it has one, on the CPU;
+    else the PyTorch model on `device` in `precision`, fp32 or bf16) and cached.
     Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
     from .data import encode
     from .predict import load, resolve_backend
 
     teacher = Path(teacher_run)
-    backend, onnx_path = resolve_backend(teacher, "auto")
+    kind, onnx_path = resolve_backend(teacher, "auto")
+    if kind != "torch":
+        device, precision = "cpu", "fp32"  # ONNX Runtime runs on the CPU, in the export's own precision
+    backend = "torch-bf16" if precision == "bf16" else kind  # predict's backend names; bf16 logits get their own key
     key = cache_key(teacher, texts, backend, onnx_path)
     path = teacher / CACHE_DIR / f"{key}.npz"
     found = _read_cache(path, key, len(texts))
     reused = found is not None
     if found is None:
-        clf = load(teacher, backend=backend, batch_size=batch_size)
+        clf = load(teacher, device=device, backend=kind, batch_size=batch_size, precision=precision)
         if console is not None:
             console.print(f"teacher {teacher}: computing its logits on {len(texts)} texts ({clf.backend.name}), once")
         pad = clf.tokenizer.pad_token_id if clf.tokenizer.pad_token_id is not None else 0
@@ -194,10 +198,14 @@ class Teacher:
                 np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
                 np.concatenate([train.full_lengths, extra.full_lengths]))}  # a copy: `reuse` keeps the plain one
             recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
-        # every process needs the logits; the main process computes and caches them first, the others read the cache
+        # every process needs the logits; the main process computes and caches them first, the others read the cache.
+        # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
+        # units its torch logits then come about 3x faster: docs/distill.md); other precisions predict in fp32.
         with recipe.process.main_process_first():
             logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + unlabelled,
-                                           cfg.train.eval_batch_size, recipe.console if recipe.main else None)
+                                           cfg.train.eval_batch_size, recipe.console if recipe.main else None,
+                                           device=str(recipe.process.device),
+                                           precision="bf16" if recipe.precision == "bf16" else "fp32")
         return cls(torch.from_numpy(logits), {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
                                               "unlabelled_rows": len(unlabelled), **cache})
 
