@@ -6,9 +6,9 @@ The student is a normal run trained by train.TrainingRecipe; what distillation a
 - the student's config: the teacher's data section (same file, splits and split seed, so validation and test
   are exactly the teacher's), the teacher's model and train sections unless others are given, and a distill:
   section (teacher run, temperature, loss weights, unlabelled file);
-- the teacher's logits on the training texts (and any unlabelled texts), computed once with the teacher's
-  fastest predict backend and cached in the teacher's run directory under distill-cache/, keyed by the text
-  (so a student with another tokenizer uses them as well);
+- the teacher's logits on the training texts (and any unlabelled texts), computed once in the student's precision
+  (fp32 or bf16; never from an int8 export) and cached in the teacher's run directory under distill-cache/, keyed
+  by the text (so a student with another tokenizer uses them as well);
 - the loss: hard_weight * CE(labels) + soft_weight * T^2 * KL(teacher || student) at temperature T.
 """
 
@@ -57,7 +57,6 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
 def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]] = None) -> tuple[Config, dict]:
     """The teacher run's config and run.json, or one line saying why it cannot teach."""
     from .model import backbone_identity
-    from .predict import resolve_backend
     from .rundir import read_labels, read_run
 
     teacher = Path(teacher_run)
@@ -69,12 +68,22 @@ def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]
     if label_names is not None and read_labels(teacher) != list(label_names):
         raise LorafitError(f"{teacher}: the teacher's labels {read_labels(teacher)} differ from the student's "
                            f"{list(label_names)}; distil on the teacher's own data")
-    if resolve_backend(teacher, "auto")[0] == "torch" and cfg.model.method != "full":
+    if logits_backend(teacher, "fp32")[0] == "torch" and cfg.model.method != "full":
         try:  # a LoRA or head-only teacher is rebuilt on its backbone, which must still be there
             backbone_identity(cfg.model.model)
         except LorafitError as exc:
             raise LorafitError(f"{teacher}: the teacher's backbone {cfg.model.model} cannot be found ({exc})") from None
     return cfg, info
+
+
+def logits_backend(teacher: Path, precision: str) -> tuple[str, Optional[Path]]:
+    """Where the teacher's logits come from: its fp32 ONNX export when it has one and the student trains in fp32
+    (torch's fp32 logits within 1e-5, faster on a CPU), else its PyTorch model in the student's precision. Never
+    its int8 export: int8 cost the MPNet teacher 0.7 points of test accuracy on seed 1 (docs/distill.md)."""
+    from .predict import EXPORT_DIR, ONNX_FILES
+
+    onnx = Path(teacher) / EXPORT_DIR / ONNX_FILES["onnx"]
+    return ("onnx", onnx) if precision != "bf16" and onnx.is_file() else ("torch", None)
 
 
 def _weights_sha256(teacher: Path, onnx_path: Optional[Path]) -> str:
@@ -121,17 +130,16 @@ def _read_cache(path: Path, key: str, rows: int) -> Optional[dict[str, Any]]:
 def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: int = 64,
                    console=None, device: str = "cpu", precision: str = "fp32") -> tuple[np.ndarray, dict[str, Any]]:
     """The teacher's logits on `texts` (already cleaned as the teacher's data is), from the cache in the teacher's
-    run directory or computed once with its fastest predict backend (the ONNX export when it has one, on the CPU;
-    else the PyTorch model on `device` in `precision`, fp32 or bf16) and cached.
+    run directory or computed once (on `device` in `precision`, fp32 or bf16; see logits_backend) and cached.
     Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
     from .data import encode
-    from .predict import load, resolve_backend
+    from .predict import load
 
     teacher = Path(teacher_run)
-    kind, onnx_path = resolve_backend(teacher, "auto")
+    kind, onnx_path = logits_backend(teacher, precision)
     if kind != "torch":
-        device, precision = "cpu", "fp32"  # ONNX Runtime runs on the CPU, in the export's own precision
-    backend = "torch-bf16" if precision == "bf16" else kind  # predict's backend names; bf16 logits get their own key
+        device = "cpu"  # ONNX Runtime runs on the CPU
+    backend = "torch-bf16" if kind == "torch" and precision == "bf16" else kind  # predict's names; each its own key
     key = cache_key(teacher, texts, backend, onnx_path)
     path = teacher / CACHE_DIR / f"{key}.npz"
     found = _read_cache(path, key, len(texts))
