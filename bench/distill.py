@@ -2,10 +2,11 @@
 
 For each seed: trains the teacher (or takes one given with --teacher-run), the default MiniLM run trained
 directly (the baseline of goal 1), and each student distilled from that seed's teacher (so the student is
-scored on exactly the teacher's validation and test rows). Prints, per contender: test accuracy and macro F1
-(mean, std, min, max over the seeds), mean train time, and for the first seed's run the inference texts/s of
-each backend (torch fp32, ONNX fp32, ONNX int8; lorafit.load + decision_function, as `lorafit predict` runs)
-with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run (bench/inference.py's
+scored on exactly the teacher's validation and test rows). Then exports every run to ONNX (fp32 + int8) and
+reads the export's own accuracy check. Prints, per contender: test accuracy (mean, std, min, max over the seeds;
+and the means of the fp32 and int8 checks and of macro F1), mean train time, and for the first seed's run the
+inference texts/s of each backend (torch fp32, ONNX fp32, ONNX int8; lorafit.load + decision_function, as
+`lorafit predict` runs) with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run (bench/inference.py's
 peer_predict and best_time). Saves everything to bench/out/distill.json (or --out).
 
 Contenders
@@ -20,6 +21,7 @@ Contenders
     python bench/distill.py --teacher-run runs/mpnet-s1 --teacher-run runs/mpnet-s2 --teacher-run runs/mpnet-s3
     python bench/distill.py --teacher-run T1 --teacher-run T2 --teacher-run T3 --default-run D1 --default-run D2 \\
         --default-run D3                     # completed runs of bench/accuracy.py (its mpnet and default rows)
+    python bench/distill.py ... --student-set temperature=1 --student-set epochs=4   # options for every student
     python bench/distill.py --seeds 1 --max-train-samples 64 --max-eval-samples 32 --epochs 0.2 \\
         --teacher-model embedded:all-MiniLM-L6-v2 --repeat 1          # smoke test (numbers meaningless)
 """
@@ -35,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -44,6 +48,7 @@ MINILM = "embedded:all-MiniLM-L6-v2"
 STUDENTS = {"minilm6": {"student": MINILM}, "minilm3": {"student": MINILM, "student_layers": 3},
             "minilm2": {"student": MINILM, "student_layers": 2}}
 BACKENDS = ("torch", "onnx", "onnx-int8")
+ACCURACIES = ("accuracy", "fp32_accuracy", "int8_accuracy", "f1_macro")
 
 
 def overrides(args, seed: int) -> dict:
@@ -51,6 +56,18 @@ def overrides(args, seed: int) -> dict:
     if args.epochs:
         values["epochs"] = args.epochs
     return values
+
+
+def student_options(items: list[str]) -> dict:
+    """--student-set NAME=VALUE items as lorafit.distill keyword arguments (values read as YAML: 1 is an int,
+    [-6, -5] a list, null None); a flag's dashes become underscores."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--student-set {item!r}: write NAME=VALUE, e.g. temperature=1")
+        options[name.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
 
 
 def data_overrides(args) -> dict:
@@ -82,21 +99,27 @@ def texts_of(run_dir: Path) -> list[str]:
     return test["text"].tolist()
 
 
-def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, float]:
-    """texts/s of each predict backend on the run's test texts (exports ONNX fp32 + int8 first), and the int8
-    model's test accuracy from the export's own check (goal 2 is about the int8 student's accuracy)."""
-    import lorafit
-    from inference import best_time
+def export_accuracies(run: dict) -> None:
+    """Export the run to ONNX fp32 + int8 and add the test accuracies of the export's own check to `run`: the
+    merged model in fp32 (torch), and the int8 model (goal 2 compares the int8 student with the default in fp32)."""
     from lorafit.export import export_onnx
 
-    check = export_onnx(run_dir, int8=True).get("check") or {}
+    check = export_onnx(Path(run["run"]), int8=True)["check"]
+    run["fp32_accuracy"] = check["torch"]["accuracy"]
+    run["int8_accuracy"] = check["onnx-int8"]["accuracy"]
+
+
+def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, float]:
+    """texts/s of each predict backend on the run's test texts (the run is exported already)."""
+    import lorafit
+    from inference import best_time
+
     speeds = {}
     for backend in BACKENDS:
         clf = lorafit.load(run_dir, backend=backend)
         seconds, _ = best_time(lambda clf=clf: clf.decision_function(texts), repeat)
         speeds[backend] = round(len(texts) / seconds, 1)
         print(f"    {run_dir.name} {backend:10s} {speeds[backend]:8.1f} texts/s", flush=True)
-    speeds["onnx-int8_accuracy"] = check.get("onnx-int8", {}).get("accuracy")
     return speeds
 
 
@@ -112,23 +135,26 @@ def peer_speed(run_dir: Path, texts: list[str], repeat: int, batch_size: int) ->
 def summarise(runs: list[dict]) -> dict:
     from accuracy import seed_stats  # bench/accuracy.py: the same per-seed statistics as its table
 
-    return {"runs": len(runs), "accuracy": seed_stats(runs, "accuracy"), "f1_macro": seed_stats(runs, "f1_macro"),
+    return {"runs": len(runs), **{key: seed_stats(runs, key) for key in ACCURACIES},
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs)}
 
 
 def markdown_table(summary: dict, speeds: dict, peer: float) -> str:
     f = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731 - no spread from one seed
-    lines = ["| contender | runs | accuracy mean | std | min | max | macro F1 mean | train s | "
-             + " | ".join(f"{b} texts/s (x peer)" for b in BACKENDS) + " | onnx-int8 accuracy (seed 1) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in BACKENDS) + " | ---: |"]
+    lines = ["| contender | runs | accuracy mean | std | min | max | fp32 accuracy mean | int8 accuracy mean | "
+             "macro F1 mean | train s | " + " | ".join(f"{b} texts/s (x peer)" for b in BACKENDS) + " |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             + " | ".join("---:" for _ in BACKENDS) + " |"]
     for name, s in summary.items():
         a = s["accuracy"]
         cells = [f"{speeds[name][b]:.1f} ({speeds[name][b] / peer:.2f}x)" if name in speeds else "–" for b in BACKENDS]
         lines.append(f"| {name} | {s['runs']} | {f(a['mean'])} | {f(a['std'])} | {f(a['min'])} | {f(a['max'])} | "
-                     f"{f(s['f1_macro']['mean'])} | {s['train_time_s']:.0f} | " + " | ".join(cells)
-                     + f" | {f(speeds.get(name, {}).get('onnx-int8_accuracy'))} |")
-    lines.append(f"\npeer: Trainer.predict with dynamic padding on the default MiniLM run, {peer:.1f} texts/s "
-                 "(bench/inference.py's peer-dynamic)")
+                     f"{f(s['fp32_accuracy']['mean'])} | {f(s['int8_accuracy']['mean'])} | "
+                     f"{f(s['f1_macro']['mean'])} | {s['train_time_s']:.0f} | " + " | ".join(cells) + " |")
+    lines.append(f"\naccuracy: each run's own test accuracy (evaluated in its training precision); fp32 and int8: "
+                 "its ONNX export's check on the same rows (merged model in fp32; ONNX int8). peer: Trainer.predict "
+                 f"with dynamic padding on the default MiniLM run, {peer:.1f} texts/s (bench/inference.py's "
+                 "peer-dynamic); speeds on the first seed's runs")
     return "\n".join(lines)
 
 
@@ -142,6 +168,9 @@ def main() -> None:
                     help="a completed default MiniLM run to reuse, one per seed in --seeds order; it must have been "
                     "trained on its teacher's split (the same seed and data)")
     ap.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated, of {', '.join(STUDENTS)}")
+    ap.add_argument("--student-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a lorafit.distill option for every student (repeat), e.g. temperature=1 or epochs=4; the "
+                    "value is read as YAML")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--epochs", type=float, default=None, help="every run's epochs (quick runs; default: the recipe's)")
     ap.add_argument("--max-train-samples", type=int, default=None, help="teachers and baseline: at most this many "
@@ -165,10 +194,14 @@ def main() -> None:
         ap.error("--teacher-run: give one run, or one per seed")
     if args.default_run and len(args.default_run) != len(seeds):
         ap.error("--default-run: give one run per seed")
+    try:
+        student_set = student_options(args.student_set)
+    except ValueError as exc:
+        ap.error(str(exc))
     runs_dir = args.out / "runs" / "distill"
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "cpu": cpu_summary(), "seeds": seeds, "teacher_model": args.teacher_model,
-              "teacher_runs": [str(p) for p in args.teacher_run], "epochs": args.epochs,
+              "teacher_runs": [str(p) for p in args.teacher_run], "student_set": student_set, "epochs": args.epochs,
               "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(f"distillation bench, {header['date']}\nCPU: {header['cpu']}\n", flush=True)
@@ -196,9 +229,15 @@ def main() -> None:
         runs["default"].append(result(default))
         for name in students:
             print(f"seed {seed}: student {name}", flush=True)
-            runs[name].append(result(lorafit.distill(teacher.path, run_name=f"{name}-s{seed}", **STUDENTS[name],
-                                                     **common)))
+            options = {**STUDENTS[name], **common, **student_set}  # --student-set wins over --epochs
+            runs[name].append(result(lorafit.distill(teacher.path, run_name=f"{name}-s{seed}", **options)))
 
+    print("\nexports (ONNX fp32 + int8) and their accuracy checks:", flush=True)
+    for name, rs in runs.items():
+        for run in rs:
+            export_accuracies(run)
+            print(f"    {Path(run['run']).name}: fp32 {run['fp32_accuracy']:.4f}  int8 {run['int8_accuracy']:.4f}",
+                  flush=True)
     first = {name: Path(rs[0]["run"]) for name, rs in runs.items()}
     texts = texts_of(first["default"])
     print("\ninference on the first seed's runs:", flush=True)
