@@ -78,8 +78,8 @@ def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]
 
 def logits_backend(teacher: Path, precision: str) -> tuple[str, Optional[Path]]:
     """Where the teacher's logits come from: its fp32 ONNX export when it has one and the student trains in fp32
-    (torch's fp32 logits within 1e-5, faster on a CPU), else its PyTorch model in the student's precision. Never
-    its int8 export: int8 cost the MPNet teacher 0.7 points of test accuracy on seed 1 (docs/distill.md)."""
+    (PyTorch's fp32 logits to rounding, faster on a CPU), else its PyTorch model in the student's precision. Never
+    its int8 export: int8 cost the MPNet teachers 0.87 points of test accuracy (docs/distill.md)."""
     from .predict import EXPORT_DIR, ONNX_FILES
 
     onnx = Path(teacher) / EXPORT_DIR / ONNX_FILES["onnx"]
