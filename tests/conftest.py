@@ -135,3 +135,22 @@ def run_copy(tiny_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(tiny_run, dst)
     return dst
+
+
+@pytest.fixture()
+def load_bench():
+    """load_bench("accuracy"): a bench/ script as a module (bench/ on sys.path, as when it runs, for its neighbours)."""
+    import importlib.util
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(name: str):
+        if str(bench_dir) not in sys.path:
+            sys.path.insert(0, str(bench_dir))
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,15 +16,8 @@ from lorafit.config import Config
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_summary_and_table():
-    bench = load_bench()
+def test_summary_and_table(load_bench):
+    bench = load_bench("accuracy")
     runs = [{"accuracy": a, "f1_macro": a - 0.01, "train_time_s": t, "wall_s": t + 10} for a, t in
             [(0.90, 100), (0.92, 110), (0.91, 120)]]
     s = bench.summarise(runs)
@@ -70,8 +62,8 @@ def test_resume_reuses_only_unchanged_runs(tmp_path):
     assert "running tfidf seed 1" in changed and "reusing" not in changed
 
 
-def test_resume_key_follows_the_resolved_config(tmp_path):
-    bench = load_bench()
+def test_resume_key_follows_the_resolved_config(tmp_path, load_bench):
+    bench = load_bench("accuracy")
     args = SimpleNamespace(epochs=None, max_train_samples=None, max_eval_samples=None)
     epochs = Config().train.epochs
     (tmp_path / "a.yaml").write_text(f"train:\n  epochs: {epochs}\n")

@@ -1,26 +1,12 @@
-"""bench/distill.py: the options it passes to every student."""
+"""bench/distill.py: the options it passes to every student, its summary and table."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "distill.py"
 
-
-def load_bench():
-    sys.path.insert(0, str(BENCH.parent))  # as the script itself does, for bench/accuracy.py and friends
-    spec = importlib.util.spec_from_file_location("bench_distill", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_student_set_values_are_yaml():
-    bench = load_bench()
+def test_student_set_values_are_yaml(load_bench):
+    bench = load_bench("distill")
     assert bench.student_options(["temperature=1", "hard-weight=0.25", "lora_layers=[-6, -5]", "epochs=4"]) == {
         "temperature": 1, "hard_weight": 0.25, "lora_layers": [-6, -5], "epochs": 4}
     assert bench.student_options([]) == {}
@@ -29,8 +15,8 @@ def test_student_set_values_are_yaml():
             bench.student_options([bad])
 
 
-def test_summary_and_table():
-    bench = load_bench()
+def test_summary_and_table(load_bench):
+    bench = load_bench("distill")
     runs = [{"accuracy": a, "fp32_accuracy": a + 0.001, "int8_accuracy": a - 0.002, "f1_macro": a - 0.01,
              "train_time_s": t} for a, t in [(0.90, 100), (0.92, 110), (0.91, 120)]]
     s = bench.summarise(runs)
