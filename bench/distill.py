@@ -6,8 +6,8 @@ scored on exactly the teacher's validation and test rows). Then exports every ru
 reads the export's own accuracy check. Prints, per contender: test accuracy (mean, std, min, max over the seeds;
 and the means of the fp32 and int8 checks and of macro F1), mean train time, and for the first seed's run the
 inference texts/s of each backend (torch fp32, ONNX fp32, ONNX int8; lorafit.load + decision_function, as
-`lorafit predict` runs) with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run (bench/inference.py's
-peer_predict and best_time). Saves everything to bench/out/distill.json (or --out).
+`lorafit predict` runs) with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run
+(bench/inference.py's peer_predict and best_time). Saves everything to bench/out/distill.json (or --out).
 
 Contenders
   teacher    --teacher-model (default embedded:all-mpnet-base-v2) with lorafit's default recipe: LoRA on the top 2
