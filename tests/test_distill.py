@@ -74,7 +74,6 @@ def test_teacher_logits_are_computed_once_and_keyed_by_text(run_copy, monkeypatc
     assert not info["cache_reused"]
 
 
-
 def test_bf16_teacher_logits_have_their_own_cache_entry(run_copy):
     texts = ["Stocks fall as oil climbs", "Federer wins the final", "New chip is faster"]
     fp32, info32 = teacher_logits(run_copy, texts)
@@ -97,6 +96,7 @@ def test_an_exported_teacher_teaches_in_fp32_never_int8(run_copy):
     assert np.allclose(onnx, torch_fp32, atol=1e-4)
     # a bf16 student gets the PyTorch model under bf16 autocast, not the export
     assert teacher_logits(run_copy, texts, precision="bf16")[1]["teacher_backend"] == "torch-bf16"
+
 
 # --- layer dropping -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

@@ -133,13 +133,13 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
     run directory or computed once (on `device` in `precision`, fp32 or bf16; see logits_backend) and cached.
     Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
     from .data import encode
-    from .predict import load
+    from .predict import load, torch_backend_name
 
     teacher = Path(teacher_run)
     kind, onnx_path = logits_backend(teacher, precision)
     if kind != "torch":
         device = "cpu"  # ONNX Runtime runs on the CPU
-    backend = "torch-bf16" if kind == "torch" and precision == "bf16" else kind  # predict's names; each its own key
+    backend = torch_backend_name(precision) if kind == "torch" else kind  # predict's names; each its own key
     key = cache_key(teacher, texts, backend, onnx_path)
     path = teacher / CACHE_DIR / f"{key}.npz"
     found = _read_cache(path, key, len(texts))

@@ -124,6 +124,11 @@ def resolve_backend(run_dir: Path, backend: str) -> tuple[str, Optional[Path]]:
     return backend, path
 
 
+def torch_backend_name(precision: str) -> str:
+    """The PyTorch backend's name for a precision: 'torch' (fp32) or 'torch-bf16' (also a distill cache key)."""
+    return "torch" if precision == "fp32" else "torch-bf16"
+
+
 def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: bool = True,
          backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32",
          allow_different_base: bool = False) -> Classifier:
@@ -164,7 +169,7 @@ def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str
         autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
     return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
                       batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
-                      backend=TorchBackend(model, device, autocast, name="torch" if precision == "fp32" else "torch-bf16"))
+                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)))
 
 
 # --- files in, predictions out ------------------------------------------------------------------------------
