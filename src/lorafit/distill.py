@@ -208,7 +208,7 @@ class Teacher:
             recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
         # every process needs the logits; the main process computes and caches them first, the others read the cache.
         # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
-        # units its torch logits then come about 3x faster: docs/distill.md); other precisions predict in fp32.
+        # units its torch logits come much faster: docs/distill.md); other precisions predict in fp32.
         with recipe.process.main_process_first():
             logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + unlabelled,
                                            cfg.train.eval_batch_size, recipe.console if recipe.main else None,
