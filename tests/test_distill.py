@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.distill import CACHE_DIR, IGNORE_LABEL, distillation_loss, teacher_logits
+from lorafit.distill import CACHE_DIR, IGNORE_LABEL, augment_texts, distillation_loss, teacher_logits
 
 
 # --- the loss -----------------------------------------------------------------------------------------------
@@ -44,6 +44,29 @@ def test_loss_without_soft_weight_is_plain_cross_entropy():
     masked[3:] = IGNORE_LABEL
     assert distillation_loss(student, masked, teacher, 2.0, 0.0, 1.0, 0.1).item() == pytest.approx(
         F.cross_entropy(student[:3], labels[:3], label_smoothing=0.1).item(), abs=1e-6)
+
+
+# --- augmented texts -----------------------------------------------------------------------------------------
+def test_augmented_texts_are_fixed_by_the_seed_and_made_of_the_training_words():
+    texts = [f"title{i} alpha{i} beta{i} gamma{i} delta{i} epsilon{i} zeta{i} eta{i}" for i in range(30)] + ["short"]
+    copies = augment_texts(texts, 2, seed=5)
+    assert len(copies) == 2 * len(texts) and copies == augment_texts(texts, 2, seed=5)
+    assert copies != augment_texts(texts, 2, seed=6) and augment_texts(texts, 0, seed=5) == []
+    spliced = 0
+    for k, copy in enumerate(copies):
+        i, words = k % len(texts), copy.split()
+        own = texts[i].split()
+        assert words and (copy != texts[i] or len(own) == 1)  # every copy is altered (one word can only stay)
+        assert words[0] in own or words[0] == own[0], copy
+        foreign = [w for w in words if w not in own]
+        if foreign:  # a splice: the first part is the text's own, the rest one other text's tail, in order
+            spliced += 1
+            other = next(t.split() for t in texts if foreign[0] in t.split())
+            assert words[:len(words) - len(foreign)] == own[:len(words) - len(foreign)]
+            assert foreign == other[len(other) - len(foreign):]
+        else:  # words dropped or a span kept: the text's own words in their order
+            assert all(own.index(a) < own.index(b) for a, b in zip(words, words[1:]))
+    assert 0 < spliced < len(copies)  # every edit is drawn
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
@@ -126,18 +149,20 @@ def test_student_run_is_a_normal_run_served_through_predict(tiny_run, tmp_path):
     unlabelled = tmp_path / "unlabelled.txt"
     unlabelled.write_text("Oil prices climb again\nThe match ended in a draw\nA new phone ships\n", encoding="utf-8")
     code, out = _distill(tiny_run, "--student-layers", 1, "--max-steps", 4, "--temperature", 3, "--hard-weight", 1,
-                         "--unlabelled-file", unlabelled, "--output-dir", tmp_path / "students", "--run-name", "s1",
-                         "--seed", 7)
+                         "--unlabelled-file", unlabelled, "--augment-copies", 1, "--output-dir", tmp_path / "students",
+                         "--run-name", "s1", "--seed", 7)
     assert code == 0, out
     student = tmp_path / "students" / "s1"
     info = json.loads((student / "run.json").read_text())
     d = info["distillation"]
     assert info["status"] == "completed" and d["student_layers"] == 1 and d["teacher_layers"] == 2
-    assert d["unlabelled_rows"] == 3 and d["teacher_test_metrics"]["accuracy"] > 0 and d["student_texts_per_s"] > 0
+    train = info["data_sizes"]["train"]
+    assert d["unlabelled_rows"] == 3 and d["augmented_rows"] == train
+    assert d["teacher_test_metrics"]["accuracy"] > 0 and d["student_texts_per_s"] > 0
     # validation and test are exactly the teacher's although the student's seed differs
     assert json.loads((student / "splits.json").read_text()) == json.loads((tiny_run / "splits.json").read_text())
     with np.load(d["cache_file"], allow_pickle=False) as cached:
-        assert cached["logits"].shape == (info["data_sizes"]["train"] + 3, 4)
+        assert cached["logits"].shape == (train + 3 + train, 4)
     assert "Distillation: teacher vs student" in (student / "report.md").read_text()
 
     texts = tmp_path / "texts.txt"
@@ -149,7 +174,7 @@ def test_student_run_is_a_normal_run_served_through_predict(tiny_run, tmp_path):
     import lorafit  # a second student (another seed) reuses the teacher's cached logits
 
     again = lorafit.distill(tiny_run, student_layers=1, max_steps=2, unlabelled_file=str(unlabelled), seed=8,
-                            output_dir=str(tmp_path / "students"), run_name="s2")
+                            augment_copies=1, output_dir=str(tmp_path / "students"), run_name="s2")
     assert again.info and json.loads((again.path / "run.json").read_text())["distillation"]["cache_reused"]
 
 

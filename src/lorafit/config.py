@@ -302,6 +302,13 @@ class DistillConfig(_Section):
         "json, parquet, or txt with one text per line)."
     )
     unlabelled_text_column: str = Field("text", description="Text column of the unlabelled file.")
+    # the teacher's knowledge lies in its answers on texts the labels do not cover (Tang et al., 2019, distilling
+    # BERT with rule-based augmentation): altered copies give the student more of them without any new data
+    augment_copies: int = Field(
+        0, ge=0, description="Altered copies of each training text that the teacher labels and the student learns "
+        "from with the soft loss only (each copy: words dropped, a span kept, or spliced with another training text; "
+        "fixed by the split seed). 0: none. The teacher's logits on them are computed once and cached like the others."
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> "DistillConfig":

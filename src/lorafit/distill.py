@@ -6,7 +6,7 @@ The student is a normal run trained by train.TrainingRecipe; what distillation a
 - the student's config: the teacher's data section (same file, splits and split seed, so validation and test
   are exactly the teacher's), the teacher's model and train sections unless others are given, and a distill:
   section (teacher run, temperature, loss weights, unlabelled file);
-- the teacher's logits on the training texts (and any unlabelled texts), computed once in the student's precision
+- the teacher's logits on the training texts (and any unlabelled or augmented texts), computed once in the student's precision
   (fp32 or bf16; never from an int8 export) and cached in the teacher's run directory under distill-cache/, keyed
   by the text (so a student with another tokenizer uses them as well);
 - the loss: hard_weight * CE(labels) + soft_weight * T^2 * KL(teacher || student) at temperature T.
@@ -179,6 +179,38 @@ def read_unlabelled(path: Union[str, Path], text_column: str, clean: bool) -> li
     return [t for t in texts if t]
 
 
+# --- augmented texts ---------------------------------------------------------------------------------------------
+def augment_texts(texts: list[str], copies: int, seed: int) -> list[str]:
+    """`copies` altered versions of every text (copy-major order), the same for the same texts and seed (the
+    data's split seed: students of one teacher share them, and the teacher's cached logits on them, whatever their
+    own training seed). Each copy is one of three word-level edits, picked at random: drop every word with
+    probability 0.2; keep one contiguous span of 50-90% of the words; or the first part of the text joined to the
+    last part of another training text (cut at 30-70%), a mixed text whose soft label only the teacher can give.
+    Rule-based so that it needs no other model and works with any tokenizer (the teacher's and the student's may
+    differ)."""
+    rng = np.random.default_rng([seed, 20191005])  # its own stream, apart from any other use of the seed
+    words = [t.split() for t in texts]
+    out = []
+    for _ in range(copies):
+        for i, w in enumerate(words):
+            op = rng.integers(3)
+            if op == 0 or len(w) < 4:
+                drop = rng.random(len(w)) < 0.2
+                if not drop.any() and len(w) > 1:  # a copy equal to its text would teach nothing new
+                    drop[rng.integers(len(w))] = True
+                new = [x for x, dropped in zip(w, drop) if not dropped] or w[:1]
+            elif op == 1:
+                length = max(1, round(len(w) * rng.uniform(0.5, 0.9)))
+                start = rng.integers(len(w) - length + 1)
+                new = w[start:start + length]
+            else:
+                other = words[(i + 1 + rng.integers(max(1, len(words) - 1))) % len(words)]  # not itself
+                new = w[:max(1, round(len(w) * rng.uniform(0.3, 0.7)))] + \
+                    other[round(len(other) * rng.uniform(0.3, 0.7)):]
+            out.append(" ".join(new))
+    return out
+
+
 class Teacher:
     """What a student recipe holds of its teacher: per-example logits for its training rows (indexed like the
     recipe's encoded train split, unlabelled rows appended) and the facts run.json records."""
@@ -198,6 +230,8 @@ class Teacher:
         teacher_cfg, teacher_info = check_teacher(d.teacher_run, recipe.bundle.label_names)
         unlabelled = read_unlabelled(d.unlabelled_file, d.unlabelled_text_column, cfg.data.clean_text) \
             if d.unlabelled_file else []
+        augmented = augment_texts(recipe.bundle.train.texts, d.augment_copies, cfg.data_seed)
+        unlabelled += augmented
         if unlabelled:
             extra = encode(recipe.tokenizer, unlabelled, cfg.data.max_length)
             train = recipe.encoded["train"]
@@ -205,7 +239,8 @@ class Teacher:
                 train.input_ids + extra.input_ids,
                 np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
                 np.concatenate([train.full_lengths, extra.full_lengths]))}  # a copy: `reuse` keeps the plain one
-            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
+            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled) - len(augmented)
+            recipe.bundle.summary["augmented_rows"] = len(augmented)
         # every process needs the logits; the main process computes and caches them first, the others read the cache.
         # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
         # units its torch logits come much faster: docs/distill.md); other precisions predict in fp32.
@@ -215,7 +250,8 @@ class Teacher:
                                            device=str(recipe.process.device),
                                            precision="bf16" if recipe.precision == "bf16" else "fp32")
         return cls(torch.from_numpy(logits), {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
-                                              "unlabelled_rows": len(unlabelled), **cache})
+                                              "unlabelled_rows": len(unlabelled) - len(augmented),
+                                              "augmented_rows": len(augmented), **cache})
 
     def loss(self, logits: torch.Tensor, batch: dict, cfg: Config) -> torch.Tensor:
         d = cfg.distill

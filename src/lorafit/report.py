@@ -311,6 +311,7 @@ def distillation_rows(view: RunView) -> list[list[str]]:
          "{d.temperature:g} / {d.soft_weight:g} / {d.hard_weight:g}".format(d=view.config.distill)
          if view.config.distill else "—"],
         ["unlabelled rows", "", _fmt(d.get("unlabelled_rows"))],
+        ["augmented rows", "", _fmt(d.get("augmented_rows"))],
     ]
 
 
