@@ -1,7 +1,8 @@
 """TrainingRecipe's interface as other code uses it: the step-by-step calls, callbacks, reuse across recipes,
-no test evaluation, two precisions in one process, no validation split; global state left as it was."""
+no test evaluation, two precisions in one process, no validation split; global state left as it was; R-Drop."""
 
 import importlib
+import math
 import json
 
 import pytest
@@ -153,3 +154,41 @@ def test_the_progress_bar_keeps_epochs_and_steps_whole_in_80_columns():
         progress.refresh()
     text = out.getvalue()
     assert "epoch 2/40" in text and "1024/10240" in text and len(text.strip().splitlines()) == 1
+
+
+def test_symmetric_kl_known_numbers():
+    from lorafit.train import symmetric_kl
+
+    # p = [0.75, 0.25], q = [0.5, 0.5]: KL(p||q) = 0.75 ln 1.5 + 0.25 ln 0.5, KL(q||p) = 0.5 ln(2/3) + 0.5 ln 2
+    p, q = torch.tensor([[math.log(3), 0.0]]), torch.zeros(1, 2)
+    expected = (0.75 * math.log(1.5) + 0.25 * math.log(0.5) + 0.5 * math.log(2 / 3) + 0.5 * math.log(2)) / 2
+    assert symmetric_kl(p, q).item() == pytest.approx(expected, abs=1e-6)
+    assert symmetric_kl(q, p).item() == pytest.approx(expected, abs=1e-6)
+    assert symmetric_kl(p.repeat(3, 1), p.repeat(3, 1)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_rdrop_runs_every_row_twice_with_its_own_dropout(tiny_model_dir, tmp_path, monkeypatch, cache):
+    """Each step's penalty compares two predictions of the same rows that differ only by dropout, with the frozen
+    prefix cached (the copies share its states) or not; with rdrop_alpha 0 nothing of it runs."""
+    train_module = importlib.import_module("lorafit.train")  # lorafit.train is also the train() function
+    calls = []
+    real = train_module.symmetric_kl
+
+    def spy(a, b):
+        calls.append((a.detach().clone(), b.detach().clone()))
+        return real(a, b)
+
+    monkeypatch.setattr(train_module, "symmetric_kl", spy)
+    recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path, rdrop_alpha=1.0, max_steps=3, batch_size=8,
+                                 lora_dropout=0.3, cache_frozen_prefix=cache))
+    recipe.setup()
+    assert (recipe.prefix is not None) == cache
+    while recipe.train_epoch():
+        pass
+    assert len(calls) == 3
+    for a, b in calls:
+        assert a.shape == b.shape == (8, 4) and not torch.equal(a, b)
+    calls.clear()
+    TrainingRecipe(_cfg(tiny_model_dir, tmp_path / "plain", max_steps=2, lora_dropout=0.3)).run()
+    assert calls == []

@@ -141,6 +141,11 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    rdrop_alpha: float = Field(
+        0.0, ge=0, description="R-Drop (Liang et al., 2021): each batch runs twice in one forward (two dropout masks) "
+        "and this weight times the symmetric KL between the two predictions joins the loss. 0: off. Costs about "
+        "twice the trained layers' compute per step."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision: 'auto' picks bf16 where the CPU or GPU supports it, else fp32 (fp16 on older GPUs)."
     )

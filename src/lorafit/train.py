@@ -299,6 +299,13 @@ class ProcessBatches(torch.utils.data.Sampler):
             yield np.array_split(np.asarray(batch), self.num_processes)[self.process_index].tolist()
 
 
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """R-Drop's penalty: (KL(p_a || p_b) + KL(p_b || p_a)) / 2 of two predictions of the same rows, mean over rows."""
+    la, lb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    return (F.kl_div(lb, la, reduction="batchmean", log_target=True) +
+            F.kl_div(la, lb, reduction="batchmean", log_target=True)) / 2
+
+
 class TrainingRecipe:
     """The training loop, start to end; `run()` reads as the whole story:
 
@@ -615,6 +622,9 @@ class TrainingRecipe:
         """Forward, backward and (on `sync`) the optimizer step, for this process's part of a global batch."""
         st, t, acc = self.state, self.cfg.train, self.accelerator
         batch = {k: v.to(acc.device) for k, v in batch.items()}
+        rows = len(batch["labels"])
+        if t.rdrop_alpha:  # R-Drop: every row twice in one batch, so each copy gets its own dropout masks
+            batch = {k: torch.cat([v, v]) for k, v in batch.items()}
         # DDP all-reduces the gradients in backward; between optimizer steps (accumulation) it must not
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
             with self.step_context(), self.autocast():
@@ -626,6 +636,9 @@ class TrainingRecipe:
                 loss = self.teacher.loss(logits.float(), batch, self.cfg)
             else:
                 loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=t.label_smoothing)
+            if t.rdrop_alpha:  # the loss above is the mean over both copies; the penalty pulls them together
+                loss = loss + t.rdrop_alpha * symmetric_kl(*logits.float().split(rows))
+                logits, batch = logits[:rows], {k: v[:rows] for k, v in batch.items()}  # statistics: the rows once
             scaled = loss / t.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if sync:
