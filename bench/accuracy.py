@@ -151,6 +151,24 @@ def run_key(spec: str, args) -> dict:
             "max_eval_samples": args.max_eval_samples}
 
 
+def same_run(saved_key: dict, key: dict) -> bool:
+    """Whether a saved run's key is `key`. A config field added to lorafit after the run was saved counts as
+    unchanged while it is at its default (the run trained as that default does), so a new option does not make
+    --resume measure every saved run again."""
+
+    def with_defaults(saved, default):
+        if not isinstance(saved, dict) or not isinstance(default, dict):
+            return saved
+        return {**default, **{k: with_defaults(v, default.get(k)) for k, v in saved.items()}}
+
+    if not isinstance(saved_key.get("definition"), dict) or not isinstance(key["definition"], dict):
+        return saved_key == key
+    from lorafit.config import Config
+
+    defaults = Config().model_dump(mode="json", exclude={"output"})
+    return {**saved_key, "definition": with_defaults(saved_key["definition"], defaults)} == key
+
+
 def seed_stats(runs: list[dict], key: str) -> dict:
     """Mean, sample std (None from one seed), min and max of `key` over the seeds' runs."""
     values = [r[key] for r in runs]
@@ -231,7 +249,7 @@ def main() -> None:
             key = run_key(spec, args)
             if args.resume and saved.exists():
                 previous = json.loads(saved.read_text())
-                if previous.get("key") == key:
+                if same_run(previous.get("key", {}), key):
                     runs.setdefault(name, []).append(previous["result"])
                     print(f"reusing {name} seed {seed} from {saved} (measured {previous['date']})", flush=True)
                     continue

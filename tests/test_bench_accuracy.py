@@ -72,3 +72,18 @@ def test_resume_key_follows_the_resolved_config(tmp_path, load_bench):
     assert bench.run_key(str(tmp_path / "a.yaml"), args) == bench.run_key("default", args)
     assert bench.run_key(str(tmp_path / "b.yaml"), args) != bench.run_key("default", args)
     assert bench.run_key("peer", args)["definition"] == "peer"
+
+
+def test_resume_treats_a_field_added_since_at_its_default_as_unchanged(tmp_path, load_bench):
+    bench = load_bench("accuracy")
+    args = SimpleNamespace(epochs=None, max_train_samples=None, max_eval_samples=None)
+    key = bench.run_key("default", args)
+    saved = json.loads(json.dumps(key))
+    del saved["definition"]["train"]["rdrop_alpha"]  # saved before the field existed
+    assert bench.same_run(saved, key)
+    (tmp_path / "r.yaml").write_text("train:\n  rdrop_alpha: 1.0\n")
+    assert not bench.same_run(saved, bench.run_key(str(tmp_path / "r.yaml"), args))  # the new field is set
+    saved["definition"]["train"]["epochs"] += 1
+    assert not bench.same_run(saved, key)
+    assert bench.same_run({**key, "definition": "peer"}, {**key, "definition": "peer"})
+    assert not bench.same_run({**key, "definition": "peer"}, {**key, "definition": "tfidf"})
