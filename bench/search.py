@@ -15,6 +15,9 @@ layers.
 
     python bench/search.py                                         # 20 trials, 1 epoch each
     python bench/search.py --n-trials 3 --max-train-samples 200 --max-eval-samples 100   # smoke test
+
+Contenders: peer (fp32, the Trainer's default), peer-bf16 (the same script with the Trainer's bf16=True; run only
+on a CPU with bf16 units, where lorafit's precision: auto trains in bf16 too) and lorafit.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONTENDERS = ["peer", "lorafit"]
+CONTENDERS = ["peer", "peer-bf16", "lorafit"]
 
 
 def base_overrides(args) -> dict:
@@ -73,8 +76,9 @@ def run_lorafit(args) -> dict:
             "over_budget": sum(bool(t.user_attrs.get("over_budget")) for t in trials)}
 
 
-def run_peer(args) -> dict:
-    """Optuna + a fresh Trainer + PEFT model per trial: the objective users glue together today."""
+def run_peer(args, bf16: bool = False) -> dict:
+    """Optuna + a fresh Trainer + PEFT model per trial: the objective users glue together today. `bf16`: the
+    Trainer's own bf16 mixed precision (`bf16=True`, CPU autocast), the strongest peer on a CPU with bf16 units."""
     import numpy as np
     import optuna
     import torch
@@ -131,7 +135,7 @@ def run_peer(args) -> dict:
             num_train_epochs=args.epochs, learning_rate=p["learning_rate"], weight_decay=p["weight_decay"],
             warmup_steps=cfg.train.warmup_ratio, lr_scheduler_type="linear", eval_strategy="epoch",
             save_strategy="no", logging_steps=50, report_to=[], use_cpu=True, seed=cfg.train.seed,
-            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_num_workers=0, disable_tqdm=True, bf16=bf16,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy,
@@ -171,18 +175,23 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--sampler-seed", type=int, default=0)
-    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated: peer,lorafit")
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated: peer,peer-bf16,lorafit")
     parser.add_argument("--out", default="bench/out/search")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_peer(args) if args.worker == "peer" else run_lorafit(args)
+        result = run_lorafit(args) if args.worker == "lorafit" else run_peer(args, bf16=args.worker == "peer-bf16")
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     results = {}
+    from lorafit.train import cpu_supports_bf16
+
     passed = [a for a in sys.argv[1:] if not a.startswith("--only")]
     for name in args.only.split(","):
+        if name == "peer-bf16" and not cpu_supports_bf16():
+            print("peer-bf16 skipped: this CPU has no bf16 units (bf16 autocast would only be slower)", flush=True)
+            continue
         print(f"running {name} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, *passed, "--worker", name], capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -193,11 +202,15 @@ def main() -> None:
         print(f"  {name}: {results[name]}", flush=True)
 
     print(f"\n{args.n_trials} trials, {args.epochs:g} epoch(s) each, sampler seed {args.sampler_seed}")
-    print(f"{'contender':<10}{'wall s':>9}{'x peer':>8}{'best val acc':>14}{'trials':>8}{'pruned':>8}{'over budget':>13}")
+    print(f"{'contender':<11}{'wall s':>9}{'x peer':>8}{'x peer-bf16':>13}{'best val acc':>14}{'trials':>8}"
+          f"{'pruned':>8}{'over budget':>13}")
+
+    def ratio(peer: str, r: dict) -> str:
+        return f"{results[peer]['wall_s'] / r['wall_s']:.2f}" if peer in results else "-"
+
     for name, r in results.items():
-        ratio = f"{results['peer']['wall_s'] / r['wall_s']:.2f}" if "peer" in results else "-"
-        print(f"{name:<10}{r['wall_s']:>9.0f}{ratio:>8}{r['best_validation_accuracy']:>14.4f}{r['trials']:>8}"
-              f"{r['pruned']:>8}{r['over_budget']:>13}")
+        print(f"{name:<11}{r['wall_s']:>9.0f}{ratio('peer', r):>8}{ratio('peer-bf16', r):>13}"
+              f"{r['best_validation_accuracy']:>14.4f}{r['trials']:>8}{r['pruned']:>8}{r['over_budget']:>13}")
     print("\nCPU: " + cpu_description())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
