@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.distill import CACHE_DIR, IGNORE_LABEL, augment_texts, distillation_loss, teacher_logits
+from lorafit.distill import (CACHE_DIR, IGNORE_LABEL, augment_texts, check_teacher, distillation_loss,
+                             teacher_logits)
+from lorafit.errors import LorafitError
 
 
 # --- the loss -----------------------------------------------------------------------------------------------
@@ -119,6 +121,12 @@ def test_an_exported_teacher_teaches_in_fp32_never_int8(run_copy):
     assert np.allclose(onnx, torch_fp32, atol=1e-4)
     # a bf16 student gets the PyTorch model under bf16 autocast, not the export
     assert teacher_logits(run_copy, texts, precision="bf16")[1]["teacher_backend"] == "torch-bf16"
+
+    # without its backbone, the exported teacher still teaches fp32 students (from the export) but not bf16 ones
+    _break("backbone", run_copy, run_copy.parent)
+    check_teacher(run_copy, precision="fp32")
+    with pytest.raises(LorafitError, match="backbone .* cannot be found"):
+        check_teacher(run_copy, precision="bf16")
 
 
 # --- layer dropping -----------------------------------------------------------------------------------------

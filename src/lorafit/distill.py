@@ -5,10 +5,10 @@
 The student is a normal run trained by train.TrainingRecipe; what distillation adds lives here:
 - the student's config: the teacher's data section (same file, splits and split seed, so validation and test
   are exactly the teacher's), the teacher's model and train sections unless others are given, and a distill:
-  section (teacher run, temperature, loss weights, unlabelled file);
-- the teacher's logits on the training texts (and any unlabelled or augmented texts), computed once in the student's precision
-  (fp32 or bf16; never from an int8 export) and cached in the teacher's run directory under distill-cache/, keyed
-  by the text (so a student with another tokenizer uses them as well);
+  section (teacher run, temperature, loss weights, unlabelled file, augmented copies);
+- the teacher's logits on the training texts (and any unlabelled or augmented texts), computed once in the
+  student's precision (fp32 or bf16; never from an int8 export) and cached in the teacher's run directory under
+  distill-cache/, keyed by the text (so a student with another tokenizer uses them as well);
 - the loss: hard_weight * CE(labels) + soft_weight * T^2 * KL(teacher || student) at temperature T.
 """
 
@@ -54,8 +54,10 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
 
 
 # --- the teacher -----------------------------------------------------------------------------------------------
-def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]] = None) -> tuple[Config, dict]:
-    """The teacher run's config and run.json, or one line saying why it cannot teach."""
+def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]] = None,
+                  precision: str = "fp32") -> tuple[Config, dict]:
+    """The teacher run's config and run.json, or one line saying why it cannot teach a student training in
+    `precision` (which decides whether the teacher's PyTorch model, and so its backbone, is needed)."""
     from .model import backbone_identity
     from .rundir import read_labels, read_run
 
@@ -68,7 +70,7 @@ def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]
     if label_names is not None and read_labels(teacher) != list(label_names):
         raise LorafitError(f"{teacher}: the teacher's labels {read_labels(teacher)} differ from the student's "
                            f"{list(label_names)}; distil on the teacher's own data")
-    if logits_backend(teacher, "fp32")[0] == "torch" and cfg.model.method != "full":
+    if logits_backend(teacher, precision)[0] == "torch" and cfg.model.method != "full":
         try:  # a LoRA or head-only teacher is rebuilt on its backbone, which must still be there
             backbone_identity(cfg.model.model)
         except LorafitError as exc:
@@ -221,37 +223,37 @@ class Teacher:
 
     @classmethod
     def attach(cls, recipe) -> "Teacher":
-        """Check the teacher, append the unlabelled rows to the recipe's encoded train split (label IGNORE_LABEL)
-        and load or compute the teacher's logits for every training row. Called before the run directory exists,
+        """Check the teacher, append the unlabelled and augmented rows to the recipe's encoded train split (label
+        IGNORE_LABEL) and load or compute the teacher's logits for every training row. Called before the run directory exists,
         so bad input writes nothing."""
         from .data import Encoded, encode
 
         cfg, d = recipe.cfg, recipe.cfg.distill
-        teacher_cfg, teacher_info = check_teacher(d.teacher_run, recipe.bundle.label_names)
+        precision = "bf16" if recipe.precision == "bf16" else "fp32"  # the teacher's, for its logits
+        teacher_cfg, teacher_info = check_teacher(d.teacher_run, recipe.bundle.label_names, precision)
         unlabelled = read_unlabelled(d.unlabelled_file, d.unlabelled_text_column, cfg.data.clean_text) \
             if d.unlabelled_file else []
         augmented = augment_texts(recipe.bundle.train.texts, d.augment_copies, cfg.data_seed)
-        unlabelled += augmented
-        if unlabelled:
-            extra = encode(recipe.tokenizer, unlabelled, cfg.data.max_length)
+        soft_only = unlabelled + augmented  # rows with the teacher's logits and no hard label
+        if soft_only:
+            extra = encode(recipe.tokenizer, soft_only, cfg.data.max_length)
             train = recipe.encoded["train"]
             recipe.encoded = {**recipe.encoded, "train": Encoded(
                 train.input_ids + extra.input_ids,
                 np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
                 np.concatenate([train.full_lengths, extra.full_lengths]))}  # a copy: `reuse` keeps the plain one
-            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled) - len(augmented)
+            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
             recipe.bundle.summary["augmented_rows"] = len(augmented)
         # every process needs the logits; the main process computes and caches them first, the others read the cache.
         # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
         # units its torch logits come much faster: docs/distill.md); other precisions predict in fp32.
         with recipe.process.main_process_first():
-            logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + unlabelled,
+            logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + soft_only,
                                            cfg.train.eval_batch_size, recipe.console if recipe.main else None,
-                                           device=str(recipe.process.device),
-                                           precision="bf16" if recipe.precision == "bf16" else "fp32")
+                                           device=str(recipe.process.device), precision=precision)
         return cls(torch.from_numpy(logits), {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
-                                              "unlabelled_rows": len(unlabelled) - len(augmented),
-                                              "augmented_rows": len(augmented), **cache})
+                                              "unlabelled_rows": len(unlabelled), "augmented_rows": len(augmented),
+                                              **cache})
 
     def loss(self, logits: torch.Tensor, batch: dict, cfg: Config) -> torch.Tensor:
         d = cfg.distill
