@@ -143,8 +143,8 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     rdrop_alpha: float = Field(
         0.0, ge=0, description="R-Drop (Liang et al., 2021): each batch runs twice in one forward (two dropout masks) "
-        "and this weight times the symmetric KL between the two predictions joins the loss. 0: off. Costs about "
-        "twice the trained layers' compute per step."
+        "and this weight times the symmetric KL between the two predictions joins the loss (and the logged training "
+        "loss). 0: off. Costs about twice the trained layers' compute per step."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision: 'auto' picks bf16 where the CPU or GPU supports it, else fp32 (fp16 on older GPUs)."

@@ -224,8 +224,8 @@ class Teacher:
     @classmethod
     def attach(cls, recipe) -> "Teacher":
         """Check the teacher, append the unlabelled and augmented rows to the recipe's encoded train split (label
-        IGNORE_LABEL) and load or compute the teacher's logits for every training row. Called before the run directory exists,
-        so bad input writes nothing."""
+        IGNORE_LABEL) and load or compute the teacher's logits for every training row. Called before the run
+        directory exists, so bad input writes nothing."""
         from .data import Encoded, encode
 
         cfg, d = recipe.cfg, recipe.cfg.distill
