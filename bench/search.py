@@ -193,7 +193,13 @@ def main() -> None:
     results = {}
     from lorafit.train import cpu_supports_bf16
 
-    passed = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    # every flag but --only goes to the workers ("--only x" as well as "--only=x")
+    passed, argv = [], iter(sys.argv[1:])
+    for a in argv:
+        if a == "--only":
+            next(argv, None)
+        elif not a.startswith("--only="):
+            passed.append(a)
     for name in args.only.split(","):
         if name == "peer-bf16" and not cpu_supports_bf16():
             print("peer-bf16 skipped: this CPU has no bf16 units (bf16 autocast would only be slower)", flush=True)
