@@ -84,3 +84,26 @@ def test_target_modules_by_name_and_layer(tiny_model_dir):
 
 def test_default_recipe_file_is_the_default_config():
     assert Config.from_yaml(ROOT / "configs" / "minilm-lora.yaml") == Config()
+
+
+def test_a_config_can_extend_another_field_by_field(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "base.yaml").write_text("model:\n  lora_r: 16\n  lora_layers: [-3, -2, -1]\ntrain:\n  epochs: 5\n")
+    (tmp_path / "recipes" / "child.yaml").write_text("base: ../base.yaml\nmodel:\n  lora_layers: [-1]\n")
+    cfg = Config.from_yaml(tmp_path / "recipes" / "child.yaml")
+    assert cfg.model.lora_r == 16 and cfg.train.epochs == 5  # from the base
+    assert cfg.model.lora_layers == [-1]  # the child's field replaces the base's list whole
+    assert "base" not in cfg.to_yaml()  # YAML out is the resolved config
+
+
+def test_a_bad_base_is_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(LorafitError, match="leads back"):
+        Config.from_yaml(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(LorafitError, match=r"missing.yaml: config file not found \(the base of"):
+        Config.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1, 2]\n")
+    with pytest.raises(LorafitError, match="base: expected the path"):
+        Config.from_yaml(tmp_path / "d.yaml")

@@ -354,16 +354,9 @@ class Config(BaseModel):
     # --- YAML in, YAML out -------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise LorafitError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise LorafitError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise LorafitError(f"{path}: expected a mapping with sections data/model/train/output")
-        return cls.from_dict(raw, source=str(path))
+        """A config file. A top-level `base: other.yaml` (a path relative to this file) reads that file first and
+        lays this one's fields over it, field by field: a recipe that differs from another in one line says so."""
+        return cls.from_dict(_read_yaml(Path(path)), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
@@ -387,6 +380,32 @@ class Config(BaseModel):
                 raise LorafitError(f"{source}: unknown option '{name}'")
             data[section][name] = value
         return Config.from_dict(data, source=source)
+
+
+def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise LorafitError(f"{path}: config file not found" + (f" (the base of {including[-1]})" if including else ""))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise LorafitError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise LorafitError(f"{path}: expected a mapping with sections data/model/train/output")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise LorafitError(f"{path}: base: expected the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in including or base_path == path.resolve():
+        raise LorafitError(f"{path}: base: {base} leads back to this file; a config cannot extend itself")
+    merged = _read_yaml(base_path, including + (path.resolve(),))
+    for section, fields in raw.items():
+        if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **fields}  # field by field: lists and mappings are replaced whole
+        else:
+            merged[section] = fields
+    return merged
 
 
 def format_validation_error(exc: ValidationError) -> str:
