@@ -127,6 +127,14 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     return run.path
 
 
+def encoder_alone(clf):
+    """A loaded classifier without its TF-IDF blend: what the plain PEFT / Transformers code of the model card and
+    a merged model compute (the card and `lorafit merge` say so)."""
+    assert clf.tfidf is not None  # the default blends: the comparison below would otherwise test nothing new
+    clf.tfidf = None
+    return clf
+
+
 @pytest.fixture()
 def run_copy(tiny_run, tmp_path):
     """A copy of tiny_run that a test may change."""

@@ -7,6 +7,7 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
+from conftest import encoder_alone
 from lorafit import card
 
 
@@ -58,7 +59,8 @@ def test_plain_peft_snippet_in_the_card_matches_lorafit(tiny_run):
     import numpy as np
     import torch
 
-    texts, clf = scope["texts"], lorafit.load(tiny_run)
+    texts, clf = scope["texts"], encoder_alone(lorafit.load(tiny_run))
+    assert "give the encoder alone" in text.replace("\n", " ")
     assert scope["labels"] == list(clf.predict(texts))
     with torch.inference_mode():
         logits = scope["model"](**scope["x"]).logits.numpy()
@@ -83,7 +85,7 @@ def test_plain_snippets_of_other_methods_run_and_agree(pooling, method, heading,
     snippet = re.search(rf"{heading}[^\n]*\n\n```python\n(.*?)```", text, re.S).group(1)
     scope = {}
     exec(snippet.replace('"path/to/run"', repr(str(run.path))), scope)
-    clf = lorafit.load(run.path)
+    clf = encoder_alone(lorafit.load(run.path))
     assert scope["labels"] == list(clf.predict(scope["texts"]))
     with torch.inference_mode():
         out = scope["model"](**scope["x"])

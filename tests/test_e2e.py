@@ -26,7 +26,8 @@ def test_embedded_model_end_to_end(tmp_path):
     assert Config.from_yaml(run / "config.yaml").data.max_train_samples == 400
     assert json.loads((run / "labels.json").read_text()) == ["World", "Sports", "Business", "Sci/Tech"]
     assert sorted(p.name for p in (run / "model").iterdir()) == ["README.md", "adapter_config.json",
-                                                                 "adapter_model.safetensors"]
+                                                                 "adapter_model.safetensors", "tfidf.json",
+                                                                 "tfidf.safetensors"]
 
     metrics = json.loads((run / "test_metrics.json").read_text())
     with open(run / "test_predictions.csv", newline="") as f:

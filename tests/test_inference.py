@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import lorafit
 from lorafit.cli import app
 
-from conftest import SAMPLE_TEXTS, tiny_config
+from conftest import SAMPLE_TEXTS, encoder_alone, tiny_config
 
 runner = CliRunner()
 
@@ -145,7 +145,8 @@ def test_merge_cls_loads_with_auto_class(tiny_run, labelled, tmp_path):
     with torch.inference_mode():
         logits = model(**tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")).logits
     labels = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
-    assert labels == list(lorafit.load(tiny_run, backend="torch").predict(texts))
+    assert labels == list(encoder_alone(lorafit.load(tiny_run, backend="torch")).predict(texts))
+    assert "it is the encoder alone" in res.output.replace("\n", " ")
     assert invoke("merge", tiny_run, "--out", out).exit_code == 2  # no silent overwrite
 
 
@@ -165,7 +166,7 @@ def test_merge_mean_pooling_recipe(mean_run, labelled, tmp_path):
     with torch.inference_mode():
         h, m = enc(**x).last_hidden_state, x["attention_mask"].unsqueeze(-1).float()
     labels = [enc.config.id2label[i] for i in (((h * m).sum(1) / m.sum(1)) @ head["weight"].T + head["bias"]).argmax(-1).tolist()]
-    assert labels == list(lorafit.load(mean_run, backend="torch").predict(texts))
+    assert labels == list(encoder_alone(lorafit.load(mean_run, backend="torch")).predict(texts))
 
 
 @pytest.mark.parametrize("which", ["tiny_run", "mean_run"])

@@ -164,6 +164,11 @@ def _usage(cfg: Config, labels: list[str], base: str) -> str:
     out.append("`lorafit merge RUN --out merged/` writes a plain Transformers model "
                + ("(the adapter merged into the base) " if m.method == "lora" else "")
                + "that loads without lorafit or PEFT; its README shows how.")
+    if cfg.model.tfidf_weight:
+        out += ["", f"lorafit's predictions blend this encoder's class probabilities with a TF-IDF + logistic "
+                f"regression model (`model/tfidf.json`, `model/tfidf.safetensors`) at weight {cfg.model.tfidf_weight:g}: "
+                "(1 - w) encoder + w TF-IDF. The plain PEFT / Transformers code above and the merged model give the "
+                "encoder alone (run.json `tfidf` has both accuracies)."]
     if cfg.data.clean_text:
         out += ["", "lorafit cleaned every text with `lorafit.data.clean_text` (AG News artefacts such as `#39;`) "
                 "before tokenizing; outside lorafit, apply the same cleaning to get exactly its predictions."]

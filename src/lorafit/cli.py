@@ -456,6 +456,9 @@ def merge_run(
         typer.echo(f"wrote {out}: this run uses mean pooling, which Transformers has no classification class for, so "
                    f"{out} holds the merged encoder (AutoModel.from_pretrained('{out}')) + the head in "
                    f"head.safetensors; {out}/README.md shows the 5 lines that apply it")
+    if result["tfidf_weight_not_merged"] is not None:
+        typer.echo(f"note: it is the encoder alone; the run's predictions also blend its TF-IDF model (weight "
+                   f"{result['tfidf_weight_not_merged']:g}), which lorafit.load('{run}') applies")
 
 
 @app.command("export", help="Export the run's classifier to RUN/export/ for ONNX Runtime; predict and classify "

@@ -88,7 +88,9 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False,
 
     _write_dir_atomically(Path(out), overwrite, fill)
     return {"out": str(out), "pooling": "mean" if mean else "cls",
-            "loads_with": "AutoModel + head.safetensors (see README.md)" if mean else "AutoModelForSequenceClassification"}
+            "loads_with": "AutoModel + head.safetensors (see README.md)" if mean else "AutoModelForSequenceClassification",
+            # the merged model is the encoder; the run's TF-IDF blend stays in the run (lorafit.load applies it)
+            "tfidf_weight_not_merged": clf.tfidf.weight if clf.tfidf is not None else None}
 
 
 class _LogitsOnly(nn.Module):

@@ -65,7 +65,7 @@ class Classifier:
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int, clean: bool,
                  batch_size: int = 16, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
-                 backend=None):
+                 backend=None, tfidf=None):
         self.model = model  # None when an ONNX backend serves
         self.tokenizer = tokenizer
         self.classes_ = np.asarray(label_names, dtype=object)
@@ -76,6 +76,7 @@ class Classifier:
         self.autocast = autocast
         self.run_dir = run_dir
         self.backend = backend or TorchBackend(model, device, autocast)
+        self.tfidf = tfidf  # the run's TF-IDF model (tfidf.TfidfModel), blended into every prediction; or None
 
     def _texts(self, texts: Sequence[str]) -> list[str]:
         if isinstance(texts, str):
@@ -88,13 +89,15 @@ class Classifier:
         return out
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
-        """Raw logits, shape (n_texts, n_classes)."""
+        """Logits, shape (n_texts, n_classes): the encoder's, or with a TF-IDF model the log of the blended
+        probabilities (what the run's test metrics measured)."""
         texts = self._texts(texts)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         enc = encode(self.tokenizer, texts, self.max_length)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return self.backend.logits(enc, self.batch_size, pad)
+        logits = self.backend.logits(enc, self.batch_size, pad)
+        return self.tfidf.blend(logits, texts) if self.tfidf is not None else logits
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Class probabilities, shape (n_texts, n_classes), columns in `classes_` order."""
@@ -150,14 +153,16 @@ def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: 
 def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str, precision: str,
           allow_different_base: bool) -> Classifier:
     from .model import check_backbone, load_trained, load_tokenizer
+    from .tfidf import TfidfModel
 
     run_dir, cfg, info = read_run(run_dir)
     label_names = read_labels(run_dir)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     kind, onnx_path = resolve_backend(run_dir, backend)
+    tfidf = TfidfModel.load(run_dir / "model")
     if kind != "torch":
         return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
-                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind))
+                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind), tfidf=tfidf)
     if precision not in ("fp32", "bf16"):
         raise LorafitError(f"precision '{precision}': use fp32 or bf16")
     if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
@@ -169,7 +174,7 @@ def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str
         autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
     return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
                       batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
-                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)))
+                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf)
 
 
 # --- files in, predictions out ------------------------------------------------------------------------------

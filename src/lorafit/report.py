@@ -247,6 +247,10 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
                        ["LoRA target modules", _fmt(cfg.model.target_modules)],
                        ["LoRA layers", "all" if cfg.model.lora_layers is None else _fmt(cfg.model.lora_layers)],
                        ["adapted linear layers", _fmt(m.get("lora_target_count"))]]
+    tfidf = info.get("tfidf")
+    if tfidf:
+        model_rows += [["TF-IDF blend", f"weight {_fmt(tfidf.get('weight'))}, C {_fmt(tfidf.get('C'))}, "
+                                        f"{_fmt(tfidf.get('features'))} word 1-2-gram features"]]
     hyper = [[k, _fmt(v)] for k, v in cfg.train.model_dump().items()] + [["max_length", _fmt(cfg.data.max_length)]]
     run_rows = [
         ["status", info.get("status")], ["device / precision", f"{info.get('device')} / {info.get('precision')}"],
@@ -273,6 +277,8 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows), ("Per-class test metrics", per_class),
         ("Plots", plots), ("Most confused class pairs", pair_rows),
     ]
+    if tfidf:
+        sections.insert(1, ("TF-IDF blend: the encoder alone and blended", tfidf_rows(tfidf)))
     distilled = distillation_rows(view)
     if distilled:
         sections.insert(1, ("Distillation: teacher vs student", distilled))
@@ -282,6 +288,15 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
     if problems:
         sections.append(("Warnings", "\n".join(problems)))
     return sections
+
+
+def tfidf_rows(tfidf: dict[str, Any]) -> list[list[str]]:
+    """run.json `tfidf`: what the blend changed, on validation (the encoder's best step) and test."""
+    return [["accuracy", "encoder alone", "TF-IDF alone", f"blend (weight {_fmt(tfidf.get('weight'))})"],
+            ["validation", _fmt(tfidf.get("validation_accuracy_encoder")), _fmt(tfidf.get("validation_accuracy_tfidf")),
+             _fmt(tfidf.get("validation_accuracy_blend"))],
+            ["test", _fmt(tfidf.get("test_accuracy_encoder")), _fmt(tfidf.get("test_accuracy_tfidf")),
+             _fmt(tfidf.get("test_accuracy_blend"))]]
 
 
 def distillation_rows(view: RunView) -> list[list[str]]:

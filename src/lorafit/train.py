@@ -341,6 +341,10 @@ class TrainingRecipe:
         self.prefix = None
         self.prefix_time: dict[str, float] = {}
         self.last_logits: dict[str, np.ndarray] = {}
+        self.encoder_logits: dict[str, np.ndarray] = {}  # the same before the TF-IDF blend
+        self.best_validation_logits: Optional[np.ndarray] = None  # the encoder's, at its best step
+        self.tfidf = None  # model.tfidf_weight > 0: the TF-IDF model blended into evaluate() after training
+        self.tfidf_info: dict[str, Any] = {}
         self.teacher = None  # a distilled run's teacher (distill.Teacher): its logits join the loss
         self._resume_from: Optional[Path] = None
         self._cleanup = contextlib.ExitStack()  # undone by finish() or a failure: speed paths, threads, signals
@@ -726,6 +730,9 @@ class TrainingRecipe:
         forward = (lambda batch: prefix.logits(self.unwrapped, batch, split, acc.device)) if prefix is not None else None
         logits = predict_logits(self.unwrapped, enc, self.cfg.train.eval_batch_size, self.pad_id, acc.device,
                                 autocast=self.autocast, forward=forward)
+        self.encoder_logits[split] = logits
+        if self.tfidf is not None:  # after training: what the run's classifier predicts (tfidf.py)
+            logits = self.tfidf.blend(logits, getattr(self.bundle, split).texts)
         self.last_logits[split] = logits
         return compute_metrics(enc.labels, logits, self.bundle.label_names)
 
@@ -737,6 +744,7 @@ class TrainingRecipe:
         if improved:
             st.best_value, st.best_step, st.bad_evals = m[t.metric_for_best], st.step, 0
             self.best_state = trainable_state_dict(self.unwrapped)
+            self.best_validation_logits = self.encoder_logits["validation"]
         else:
             st.bad_evals += 1
         if self.main:
@@ -783,9 +791,15 @@ class TrainingRecipe:
         self.progress.update(self._task, completed=st.step)
         if self.best_state is not None:
             load_trainable_state_dict(self.unwrapped, self.best_state)
+        self._fit_tfidf()
         test_metrics: dict[str, Any] = {}
         if evaluate_test:
             test_metrics = self.evaluate("test")
+            if self.tfidf is not None:
+                labels = self.encoded["test"].labels
+                self.tfidf_info.update(test_accuracy_encoder=_accuracy(self.encoder_logits["test"], labels),
+                                       test_accuracy_tfidf=_accuracy(self.tfidf.proba(self.bundle.test.texts), labels),
+                                       test_accuracy_blend=test_metrics["accuracy"])
             if self.main:
                 self.log.write(type="eval", split="test", step=st.step,
                                epoch=round(st.step / self.steps_per_epoch, 4), **scalar_metrics(test_metrics),
@@ -796,10 +810,12 @@ class TrainingRecipe:
         self._cleanup.close()  # the model's plain forward back before it is saved
         info = self._summary()
         if self.main:
-            save_weights(self.unwrapped, self.cfg.model, self.run_dir / "model")
+            save_weights(self.unwrapped, self.cfg.model, self.run_dir / "model", tfidf=self.tfidf)
             if evaluate_test:
                 atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
                 _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
+            if self.tfidf is not None:
+                self.record.update(tfidf=self.tfidf_info)
             self.record.update(status="completed", finished_at=_now(), **info)
             if self.teacher is not None:
                 self._record_distillation()
@@ -808,6 +824,36 @@ class TrainingRecipe:
             self._print_result(info, test_metrics)
         acc.wait_for_everyone()  # when train() returns on any process, the run directory is complete
         return Run(self.run_dir, self.cfg, test_metrics, info)
+
+    def _fit_tfidf(self) -> None:
+        """model.tfidf_weight > 0: fit the TF-IDF model on the labelled training rows, after the encoder, and blend
+        it into every later evaluate(). Every process fits the same (deterministic) model, so their metrics agree;
+        trials of a search share one fit through `reuse`."""
+        from .tfidf import TfidfModel, fit_tfidf
+
+        weight, b = self.cfg.model.tfidf_weight, self.bundle
+        if not weight:
+            return
+        if self.has_validation and self.best_validation_logits is None:  # resumed after the best step
+            self.evaluate("validation")
+            self.best_validation_logits = self.encoder_logits["validation"]
+        key = ("tfidf", json.dumps([self.cfg.data.model_dump(mode="json"), self.cfg.data_seed], sort_keys=True))
+        found = self.reuse.get(key) if self.reuse is not None else None
+        if found is None:
+            labelled = b.train.labels >= 0  # a distilled student's teacher-only rows carry no label
+            validation = (b.validation.texts, b.validation.labels) if self.has_validation else None
+            found = fit_tfidf([t for t, keep in zip(b.train.texts, labelled) if keep], b.train.labels[labelled],
+                              len(b.label_names), weight, validation)
+            if self.reuse is not None:
+                self.reuse[key] = found
+        model, info = found
+        self.tfidf = TfidfModel(model.vectorizer, model.coef, model.intercept, weight, model.c)
+        self.tfidf_info = dict(info, weight=weight)
+        if self.has_validation:
+            labels, texts = self.encoded["validation"].labels, b.validation.texts
+            self.tfidf_info.update(validation_accuracy_encoder=_accuracy(self.best_validation_logits, labels),
+                                   validation_accuracy_blend=_accuracy(self.tfidf.blend(self.best_validation_logits,
+                                                                                         texts), labels))
 
     def _record_distillation(self) -> None:
         """run.json's distillation section gets the student's side: its layers and its predict speed."""
@@ -982,6 +1028,10 @@ def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
          "lr": head_lr if is_head else cfg.train.learning_rate}
         for (no_decay, is_head), ps in groups.items()
     ]
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
 
 def _write_test_predictions(path: Path, bundle: DataBundle, logits: np.ndarray) -> None:
