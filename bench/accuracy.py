@@ -68,7 +68,8 @@ def run_lorafit(spec: str, seed: int, args) -> dict:
     if args.epochs:
         overrides["epochs"] = args.epochs
     run = lorafit.train(cfg.with_overrides(overrides, source=spec))
-    return {"accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
+    blend = json.loads((run.path / "run.json").read_text()).get("tfidf", {})  # the TF-IDF blend's accuracies
+    return {**{f"tfidf_{k}": v for k, v in blend.items() if "accuracy" in k}, "accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
             "val_accuracy": run.info.get("best_validation_accuracy"), "n_test": run.test_metrics["n"],
             "train_time_s": run.info["train_time_s"], "wall_s": run.info["wall_time_s"],
             "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
@@ -151,10 +152,16 @@ def run_key(spec: str, args) -> dict:
             "max_eval_samples": args.max_eval_samples}
 
 
+# config fields added with a default that changes what a run does: a run saved before the field existed ran as
+# this value, not as the new default
+ADDED_WITH_NEW_BEHAVIOUR = {"model": {"tfidf_weight": 0.0}}
+
+
 def same_run(saved_key: dict, key: dict) -> bool:
     """Whether a saved run's key is `key`. A config field added to lorafit after the run was saved counts as
     unchanged while it is at its default (the run trained as that default does), so a new option does not make
-    --resume measure every saved run again."""
+    --resume measure every saved run again; except the fields of ADDED_WITH_NEW_BEHAVIOUR, whose old behaviour
+    is another value."""
 
     def with_defaults(saved, default):
         if not isinstance(saved, dict) or not isinstance(default, dict):
@@ -166,6 +173,8 @@ def same_run(saved_key: dict, key: dict) -> bool:
     from lorafit.config import Config
 
     defaults = Config().model_dump(mode="json", exclude={"output"})
+    for section, values in ADDED_WITH_NEW_BEHAVIOUR.items():
+        defaults[section].update(values)
     return {**saved_key, "definition": with_defaults(saved_key["definition"], defaults)} == key
 
 
@@ -198,6 +207,30 @@ def markdown_table(summary: dict[str, dict]) -> str:
                      f"{f(m['mean'])} | {f(m['std'])} | {f(m['min'])} | {f(m['max'])} | {f(s['val_accuracy'])} | "
                      f"{s['train_time_s']:.0f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+BLEND_COLUMNS = [("validation", "encoder", "tfidf_validation_accuracy_encoder"), ("validation", "blend",
+                 "tfidf_validation_accuracy_blend"), ("test", "encoder", "tfidf_test_accuracy_encoder"),
+                 ("test", "TF-IDF", "tfidf_test_accuracy_tfidf"), ("test", "blend", "tfidf_test_accuracy_blend")]
+
+
+def blend_table(runs: dict[str, list[dict]]) -> str:
+    """The contenders with the TF-IDF blend (model.tfidf_weight > 0): the encoder alone and the blend, from the same
+    runs (run.json `tfidf`), as means over the seeds, with how many seeds the blend beat, tied and lost on test."""
+    lines = []
+    for name, rs in runs.items():
+        if not rs or any(BLEND_COLUMNS[-1][2] not in r for r in rs):
+            continue
+        means = [statistics.fmean(r[key] for r in rs) for *_, key in BLEND_COLUMNS]
+        diff = [r["tfidf_test_accuracy_blend"] - r["tfidf_test_accuracy_encoder"] for r in rs]
+        wins = f"{sum(d > 0 for d in diff)} / {sum(d == 0 for d in diff)} / {sum(d < 0 for d in diff)}"
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(f"{m:.4f}" for m in means)
+                     + f" | {100 * statistics.fmean(diff):+.2f} | {wins} |")
+    if not lines:
+        return ""
+    return "\n".join(["| contender | runs | val encoder | val blend | test encoder | test TF-IDF | test blend | "
+                      "test change (points) | seeds better / same / worse |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *lines])
 
 
 def main() -> None:
@@ -284,6 +317,10 @@ def main() -> None:
         notes.append(f"One run's accuracy near {p:.3f} ({who}) on {n_test:,} test rows has a binomial standard error "
                      f"of sqrt(p(1-p)/n) = {100 * math.sqrt(p * (1 - p) / n_test):.2f} points.")
     text = f"CPU: {header['cpu']}\n\n{table}\n\n" + "\n".join(notes) + "\n"
+    blended = blend_table(runs)
+    if blended:
+        text += ("\nThe TF-IDF blend, encoder alone against blend in the same runs (means over the seeds; validation "
+                 f"at the encoder's best step):\n\n{blended}\n")
     print("\n" + text)
 
     rows = [r for rs in runs.values() for r in rs]

@@ -87,3 +87,13 @@ def test_resume_treats_a_field_added_since_at_its_default_as_unchanged(tmp_path,
     assert not bench.same_run(saved, key)
     assert bench.same_run({**key, "definition": "peer"}, {**key, "definition": "peer"})
     assert not bench.same_run({**key, "definition": "peer"}, {**key, "definition": "tfidf"})
+
+
+def test_resume_knows_a_field_whose_default_changed_what_runs_do(tmp_path, load_bench):
+    bench = load_bench("accuracy")
+    args = SimpleNamespace(epochs=None, max_train_samples=None, max_eval_samples=None)
+    saved = json.loads(json.dumps(bench.run_key("default", args)))
+    del saved["definition"]["model"]["tfidf_weight"]  # saved before the blend existed: the encoder alone
+    assert not bench.same_run(saved, bench.run_key("default", args))  # the default now blends: run it again
+    (tmp_path / "alone.yaml").write_text("model:\n  tfidf_weight: 0\n")
+    assert bench.same_run(saved, bench.run_key(str(tmp_path / "alone.yaml"), args))
