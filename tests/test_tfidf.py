@@ -84,9 +84,9 @@ def test_unknown_format_is_one_clear_error(tmp_path):
 def test_a_run_fits_records_saves_and_predicts_with_the_blend(tiny_model_dir, tmp_path):
     import lorafit
 
-    run = lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path, epochs=1, tfidf_weight=0.4))
+    run = lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path, epochs=1, tfidf_weight=0.25))
     info = json.loads((run.path / "run.json").read_text())["tfidf"]
-    assert info["weight"] == 0.4 and info["test_accuracy_blend"] == run.test_metrics["accuracy"]
+    assert info["weight"] == 0.25 and info["test_accuracy_blend"] == run.test_metrics["accuracy"]
     for key in ("validation_accuracy_encoder", "validation_accuracy_blend", "validation_accuracy_tfidf",
                 "test_accuracy_encoder", "test_accuracy_tfidf", "C", "features"):
         assert info[key] is not None, key
@@ -95,7 +95,7 @@ def test_a_run_fits_records_saves_and_predicts_with_the_blend(tiny_model_dir, tm
     with open(run.path / "test_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     clf = lorafit.load(run.path, backend="torch")
-    assert clf.tfidf is not None and clf.tfidf.weight == 0.4
+    assert clf.tfidf is not None and clf.tfidf.weight == 0.25
     probs = clf.predict_proba([r["text"] for r in rows])
     saved = np.array([[float(r[f"prob_{name}"]) for name in clf.classes_] for r in rows])
     np.testing.assert_allclose(probs, saved, atol=2e-3)

@@ -119,10 +119,10 @@ class ModelConfig(_Section):
         None, ge=1, description="Keep only the backbone's first K encoder layers, initialised from its pretrained "
         "weights (layer dropping: a faster, smaller model; `lorafit distill --student-layers`); 'none' keeps all."
     )
-    # 0.3: the middle of the plateau (0.15-0.5, +0.33 to +0.42 points) of 5-fold cross-validation on the bundled
-    # training rows (docs/accuracy.md)
+    # 0.4: the best weight, in the middle of the plateau (0.2-0.6: +0.35 to +0.55 points), of 5-fold
+    # cross-validation of the default on the bundled training rows (bench/tfidf_cv.py, docs/accuracy.md)
     tfidf_weight: float = Field(
-        0.3, ge=0, lt=1, description="Blend a TF-IDF (word 1-2 grams) + logistic regression model, fitted on the "
+        0.4, ge=0, lt=1, description="Blend a TF-IDF (word 1-2 grams) + logistic regression model, fitted on the "
         "training rows after the encoder, into the predicted probabilities with this weight: (1 - w) encoder + w "
         "TF-IDF. 0: the encoder alone (no TF-IDF model is fitted or saved)."
     )
