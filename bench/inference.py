@@ -21,6 +21,10 @@ Contenders
   onnx           lorafit export -> ONNX Runtime fp32 (threads = cores), batches sorted by length.
   onnx-int8      the same, dynamically int8-quantised.
 
+A run with the TF-IDF blend (model.tfidf_weight > 0, the default since 2026-12-02): lorafit's contenders predict with
+it, as lorafit.load does (its vectorisation counts in their texts/s; the roofline share counts the encoder's GFLOP
+only); the peers, as users load a PEFT run, predict with the encoder alone.
+
     python bench/inference.py                              # trains a short run first (a few minutes on 2 cores)
     python bench/inference.py --run bench/out/runs/minilm-inference
 """
