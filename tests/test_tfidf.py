@@ -70,7 +70,7 @@ def test_save_load_round_trip_without_pickle(tmp_path):
     assert TfidfModel.load(tmp_path / "missing") is None
 
 
-def test_unknown_format_is_one_clear_error(tmp_path):
+def test_unknown_format_or_damaged_files_are_one_clear_error(tmp_path):
     from lorafit import LorafitError
 
     model, _ = fit_tfidf(TEXTS, LABELS, 4, weight=0.3)
@@ -78,6 +78,9 @@ def test_unknown_format_is_one_clear_error(tmp_path):
     meta = json.loads((tmp_path / JSON_FILE).read_text())
     (tmp_path / JSON_FILE).write_text(json.dumps(dict(meta, format_version=99)))
     with pytest.raises(LorafitError, match="TF-IDF format 99"):
+        TfidfModel.load(tmp_path)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(LorafitError, match="TF-IDF model is unreadable"):
         TfidfModel.load(tmp_path)
 
 
