@@ -69,7 +69,8 @@ def run_lorafit(spec: str, seed: int, args) -> dict:
         overrides["epochs"] = args.epochs
     run = lorafit.train(cfg.with_overrides(overrides, source=spec))
     blend = json.loads((run.path / "run.json").read_text()).get("tfidf", {})  # the TF-IDF blend's accuracies
-    return {**{f"tfidf_{k}": v for k, v in blend.items() if "accuracy" in k}, "accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
+    return {**{f"tfidf_{k}": v for k, v in blend.items() if "accuracy" in k},
+            "accuracy": run.test_metrics["accuracy"], "f1_macro": run.test_metrics["f1_macro"],
             "val_accuracy": run.info.get("best_validation_accuracy"), "n_test": run.test_metrics["n"],
             "train_time_s": run.info["train_time_s"], "wall_s": run.info["wall_time_s"],
             "epochs": run.info.get("epochs_completed"), "run_dir": str(run.path)}
@@ -209,9 +210,8 @@ def markdown_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-BLEND_COLUMNS = [("validation", "encoder", "tfidf_validation_accuracy_encoder"), ("validation", "blend",
-                 "tfidf_validation_accuracy_blend"), ("test", "encoder", "tfidf_test_accuracy_encoder"),
-                 ("test", "TF-IDF", "tfidf_test_accuracy_tfidf"), ("test", "blend", "tfidf_test_accuracy_blend")]
+BLEND_KEYS = ["tfidf_validation_accuracy_encoder", "tfidf_validation_accuracy_blend", "tfidf_test_accuracy_encoder",
+              "tfidf_test_accuracy_tfidf", "tfidf_test_accuracy_blend"]  # the blend table's columns, in order
 
 
 def blend_table(runs: dict[str, list[dict]]) -> str:
@@ -219,9 +219,9 @@ def blend_table(runs: dict[str, list[dict]]) -> str:
     runs (run.json `tfidf`), as means over the seeds, with how many seeds the blend beat, tied and lost on test."""
     lines = []
     for name, rs in runs.items():
-        if not rs or any(BLEND_COLUMNS[-1][2] not in r for r in rs):
+        if not rs or any(BLEND_KEYS[-1] not in r for r in rs):
             continue
-        means = [statistics.fmean(r[key] for r in rs) for *_, key in BLEND_COLUMNS]
+        means = [statistics.fmean(r[key] for r in rs) for key in BLEND_KEYS]
         diff = [r["tfidf_test_accuracy_blend"] - r["tfidf_test_accuracy_encoder"] for r in rs]
         wins = f"{sum(d > 0 for d in diff)} / {sum(d == 0 for d in diff)} / {sum(d < 0 for d in diff)}"
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(f"{m:.4f}" for m in means)

@@ -72,9 +72,9 @@ def out_of_fold(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         model, _ = fit_tfidf(bundle.train.texts, bundle.train.labels, len(names), weight=0.0,
                                 validation=(bundle.validation.texts, bundle.validation.labels))
         tfidf[held_out] = model.proba(bundle.test.texts)
-        folds.append({"fold": k, "rows": len(held_out), "encoder": float((encoder[held_out].argmax(1) == labels[held_out]).mean()),
-                      "tfidf": float((tfidf[held_out].argmax(1) == labels[held_out]).mean()),
-                      "train_time_s": run.info["train_time_s"]})
+        right = {name: float((probs[held_out].argmax(1) == labels[held_out]).mean())
+                 for name, probs in (("encoder", encoder), ("tfidf", tfidf))}
+        folds.append({"fold": k, "rows": len(held_out), **right, "train_time_s": run.info["train_time_s"]})
         print(f"fold {k}: {folds[-1]}", flush=True)
     return encoder, tfidf, labels, folds
 
@@ -93,8 +93,9 @@ def main() -> None:
 
     encoder, tfidf, labels, folds = out_of_fold(args)
     right = encoder.argmax(1) == labels
-    table = [f"{args.folds}-fold cross-validation on {len(labels)} training rows of {args.config or 'the default config'} "
-             f"(cv seed {args.cv_seed}); CPU: {cpu_summary()}", "",
+    recipe = args.config or "the default config"
+    table = [f"{args.folds}-fold cross-validation on {len(labels)} training rows of {recipe} (cv seed {args.cv_seed}); "
+             f"CPU: {cpu_summary()}", "",
              "| TF-IDF weight | out-of-fold accuracy | change (points) |", "| ---: | ---: | ---: |"]
     results = {"folds": folds, "weights": {}}
     for w in WEIGHTS:

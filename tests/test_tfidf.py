@@ -54,7 +54,11 @@ def test_blend_mixes_probabilities():
     logits = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
     texts = ["oil and stocks", "the cup final"]
     blended = model.blend(logits, texts)
-    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
     np.testing.assert_allclose(softmax(blended), 0.75 * softmax(logits) + 0.25 * model.proba(texts), atol=1e-5)
 
 
