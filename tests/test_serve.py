@@ -88,6 +88,7 @@ def test_model_health_metrics_docs_and_page(client, tiny_run, clf):
     assert info["labels"] == list(clf.classes_) and info["backend"] == "torch" and info["ready"] is True
     assert info["method"] == "lora" and info["backbone"] and 0 <= info["test_metrics"]["accuracy"] <= 1
     assert info["limits"]["max_texts"] == 8
+    assert info["tfidf_weight"] == clf.tfidf.weight == 0.4  # the tiny run blends at the default weight
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     res = client.get("/metrics")

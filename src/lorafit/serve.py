@@ -308,7 +308,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """What /v1/model and the page show: labels, backbone, method and the run's scalar test metrics."""
+    """What /v1/model and the page show: labels, backbone, method, the TF-IDF blend's weight (0: the encoder alone)
+    and the run's scalar test metrics."""
     from .rundir import read_labels, read_run
 
     run_dir, cfg, info = read_run(run_dir)
@@ -316,6 +317,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     test = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     return {"run": run_dir.name, "labels": read_labels(run_dir), "backbone": cfg.model.model,
             "method": cfg.model.method, "pooling": cfg.model.pooling, "max_length": cfg.data.max_length,
+            "tfidf_weight": (info.get("tfidf") or {}).get("weight", 0.0),
             "test_metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))}}
 
 
