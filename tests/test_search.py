@@ -99,6 +99,7 @@ def test_space_parsed_from_yaml_and_shown_by_print_config(tmp_path):
     ("    lora_rank: {type: int, low: 2, high: 8}\n", "unknown parameter 'lora_rank'"),
     ("    lora_r: {type: int, low: 8, high: 2}\n", "empty range"),
     ("    lora_alpha: {type: categorical, choices: []}\n", "non-empty 'choices'"),
+    ("    tfidf_weight: {type: float, low: 0, high: 0.5}\n", "'tfidf_weight' cannot be searched"),
 ])
 def test_bad_space_is_one_line_exit_2(tmp_path, space, expected):
     (tmp_path / "s.yaml").write_text("search:\n  space:\n" + space)

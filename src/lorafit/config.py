@@ -295,6 +295,9 @@ class SearchConfig(_Section):
         if unknown:
             raise ValueError(f"unknown parameter {', '.join(map(repr, unknown))}; name fields of the data, model or "
                              "train sections, e.g. learning_rate, lora_r")
+        if "tfidf_weight" in self.space:  # fitted after training: a trial's objective would not depend on it
+            raise ValueError("'tfidf_weight' cannot be searched: a trial's objective is its encoder's validation "
+                             "metric, which the blend does not change; choose the weight with bench/tfidf_cv.py")
         return self
 
 
