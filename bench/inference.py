@@ -174,6 +174,15 @@ def main() -> None:
     per_text = gflop_per_text(model_config, [len(x) for x in enc.input_ids])
     peaks = peak_gflops(model_config.hidden_size, intermediate_size(model_config), rows=16 * max(1, round(mean_tokens)))
 
+    # the blend's own part of lorafit's contenders: vectorising the texts and mixing the probabilities, all texts
+    # at once as Classifier.decision_function does
+    blend = None
+    if ref_clf.tfidf is not None:
+        zeros = np.zeros((len(texts), len(labels)), dtype=np.float32)
+        seconds, _ = best_time(lambda: ref_clf.tfidf.blend(zeros, texts), args.repeat)
+        blend = {"seconds": round(seconds, 4), "us_per_text": round(1e6 * seconds / len(texts), 1),
+                 "share_of": {n: round(seconds / r["seconds"], 4) for n, r in rows.items() if not n.startswith("peer")}}
+
     ref = rows.get("torch-fp32", {}).get("pred")
     peer = rows.get("peer", {}).get("texts_per_s")
     peer_dynamic = rows.get("peer-dynamic", {}).get("texts_per_s")
@@ -198,13 +207,17 @@ def main() -> None:
                       "ratio_to_peer_dynamic": ratio_dynamic and round(ratio_dynamic, 2), "dtype": dtype,
                       "roofline_share": round(share, 4), "accuracy": r["accuracy"], "agreement_with_torch_fp32": agree,
                       "seconds": round(r["seconds"], 3), "load_s": round(r["load_s"], 2)})
+    if blend is not None:
+        shares = ", ".join(f"{n} {100 * v:.1f}%" for n, v in blend["share_of"].items())
+        print(f"TF-IDF blend (weight {ref_clf.tfidf.weight:g}) alone: {blend['seconds']:.3f} s for the {len(texts)} texts, "
+              f"{blend['us_per_text']:.0f} us per text; its share of each lorafit contender's time: {shares}")
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run_dir), "pooling": pooling, "n_texts": len(texts), "peer_batch_size": args.batch_size,
               "lorafit_batch_size": args.lorafit_batch_size or inspect.signature(lorafit.load).parameters["batch_size"].default,
               "repeat": args.repeat, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "mean_tokens": round(mean_tokens, 1), "gflop_per_text": round(per_text, 4),
               "peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-              "export_s": round(export_s, 1), "export_check": export.get("check"), "table": table,
+              "export_s": round(export_s, 1), "export_check": export.get("check"), "table": table, "tfidf_blend": blend,
               "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
     (OUT / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {OUT / 'inference.json'}")
