@@ -70,7 +70,7 @@ def out_of_fold(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         bundle = load_data(cfg.data, cfg.data_seed)  # the run's own training and validation rows
         assert bundle.test.texts == [texts[i] for i in held_out], "held-out rows out of order"
         model, _ = fit_tfidf(bundle.train.texts, bundle.train.labels, len(names), weight=0.0,
-                                validation=(bundle.validation.texts, bundle.validation.labels))
+                             validation=(bundle.validation.texts, bundle.validation.labels))
         tfidf[held_out] = model.proba(bundle.test.texts)
         right = {name: float((probs[held_out].argmax(1) == labels[held_out]).mean())
                  for name, probs in (("encoder", encoder), ("tfidf", tfidf))}

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import LorafitError
+from .evaluate import softmax
 from .fileio import atomic_write_text
 
 # inverse regularisation, fixed: one fit (about 2 s on 4,000 texts). The tfidf baseline of bench/accuracy.py, which
@@ -25,12 +26,6 @@ C = 30.0
 VECTORIZER = {"ngram_range": (1, 2), "sublinear_tf": True, "strip_accents": "unicode", "lowercase": True}
 JSON_FILE, WEIGHTS_FILE = "tfidf.json", "tfidf.safetensors"
 FORMAT_VERSION = 1
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class TfidfModel:
@@ -52,12 +47,12 @@ class TfidfModel:
         if not len(texts):
             return np.zeros((0, len(self.intercept)), dtype=np.float32)
         z = np.asarray(self.vectorizer.transform(texts) @ self.coef.T) + self.intercept
-        return _softmax(z).astype(np.float32)
+        return softmax(z).astype(np.float32)
 
     def blend(self, logits: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """Logits whose softmax is (1 - weight) * softmax(logits) + weight * proba(texts): every reader of
         logits (metrics, predictions, serving) then sees the blended probabilities."""
-        mixed = (1.0 - self.weight) * _softmax(np.asarray(logits, dtype=np.float64)) + self.weight * self.proba(texts)
+        mixed = (1.0 - self.weight) * softmax(np.asarray(logits, dtype=np.float64)) + self.weight * self.proba(texts)
         return np.log(np.clip(mixed, 1e-12, None)).astype(np.float32)
 
     # --- files: model/tfidf.json + model/tfidf.safetensors ---------------------------------------------------
