@@ -302,11 +302,6 @@ class AuthAndMetrics:
 
 
 # --- the app --------------------------------------------------------------------------------------------------
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """What /v1/model and the page show: labels, backbone, method, the TF-IDF blend's weight (0: the encoder alone)
     and the run's scalar test metrics."""
@@ -329,6 +324,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from .evaluate import softmax
     from .predict import resolve_backend
 
     opts = options or ServeOptions()
@@ -417,7 +413,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     async def classify(request: Request) -> dict:
         body = await read_body(request, ClassifyRequest, max_bytes)
         check_texts(body.texts, "texts", opts)
-        probs = _softmax(await classify_texts(body.texts))
+        probs = softmax(await classify_texts(body.texts))
         k = min(body.top_k or len(labels), len(labels))
         results = []
         for row in probs:
@@ -443,7 +439,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
             raise ApiError(422, "inputs: the list is empty; send at least one text", "inputs")
         check_texts(texts, "inputs", opts)
         logits = await classify_texts(texts)
-        scores = logits if body.raw_scores else _softmax(logits)
+        scores = logits if body.raw_scores else softmax(logits)
         out = [[{"label": labels[int(j)], "score": float(row[j])} for j in np.argsort(-row, kind="stable")]
                for row in scores]
         return out[0] if single else out
