@@ -112,8 +112,7 @@ def out_of_fold(args) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
             if name == "encoder":
                 bundle = load_data(cfg.data, cfg.data_seed)  # the run's own training and validation rows
         assert bundle.test.texts == [texts[i] for i in held_out], "held-out rows out of order"
-        model, _ = fit_tfidf(bundle.train.texts, bundle.train.labels, len(names), weight=0.0,
-                             validation=(bundle.validation.texts, bundle.validation.labels))
+        model, _ = fit_tfidf(bundle.train.texts, bundle.train.labels, len(names), weight=0.0)
         probs["tfidf"][held_out] = model.proba(bundle.test.texts)
         if args.char_ngrams:
             probs["tfidf_char"][held_out] = fit_word_char_tfidf(bundle.train.texts, bundle.train.labels,
