@@ -332,6 +332,72 @@ class DistillConfig(_Section):
         return self
 
 
+class InferenceConfig(_Section):
+    """How a completed run predicts: `lorafit predict`, `classify`, `evaluate`, `serve` and `lorafit.load` share
+    these options, so each has the same name, choices and default everywhere."""
+
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="What computes the logits. 'auto': the run's ONNX export if there is one (int8 when it "
+        "was exported) on a CPU, else torch."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where the torch backend runs. 'auto': a CUDA GPU where there is one, else Apple's MPS, "
+        "else the CPU."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Torch backend's arithmetic. 'auto': bf16 on a GPU that has it, fp32 on a CPU (bf16 "
+        "autocast is faster on CPUs with AVX512-BF16 or AMX: ask for it)."
+    )
+    batch_size: Union[Literal["auto"], int] = Field(
+        "auto", description="Texts per forward pass, sorted by length. 'auto': 16 on a CPU (faster than 64 on 2 "
+        "cores, docs/serving.md), 256 on a GPU."
+    )
+    allow_different_base: bool = Field(
+        False, description="Load even if the run's backbone changed since training (run.json backbone); otherwise "
+        "that is refused."
+    )
+
+    @model_validator(mode="after")
+    def _positive_batch(self) -> "InferenceConfig":
+        if self.batch_size != "auto" and self.batch_size < 1:
+            raise ValueError(f"batch_size must be 'auto' or at least 1 (got {self.batch_size})")
+        return self
+
+
+class PredictConfig(_Section):
+    """`lorafit predict`: a file of texts in, one prediction per input row out (streamed in chunks)."""
+
+    id_column: Optional[str] = Field(
+        None, description="Column of row IDs; 'none': a column named id/ID if present, else the row number."
+    )
+    labels: Literal["name", "id"] = Field(
+        "name", description="Write each label as its class name or as its class id (the training file's own "
+        "numbering)."
+    )
+    probabilities: bool = Field(False, description="Add a prob_<class> column for each class.")
+    chunk_rows: int = Field(
+        10_000, ge=1, description="Rows read, predicted and appended at a time; an interrupted prediction resumes "
+        "from the last complete chunk."
+    )
+    on_bad_row: Literal["stop", "skip"] = Field(
+        "stop", description="A row that cannot be read: 'stop' with one line naming file and line, or 'skip' it, "
+        "count it and list it in <output>.bad_rows.csv."
+    )
+    resume: bool = Field(
+        False, description="Continue an interrupted prediction into the same output (running the same command "
+        "again does so too); without a partial output to continue, an error."
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local", description="'local': this process, streaming; 'ray': Ray Data over a pool of actors on a Ray "
+        "cluster (pip install 'lorafit[ray]'), input a file, folder or glob, output a folder of shards."
+    )
+    ray_address: Optional[str] = Field(
+        None, description="Ray cluster to join, e.g. auto or ray://head:10001 ('none': start a local one)."
+    )
+    workers: int = Field(2, ge=1, description="Ray engine: actors, each holding the model once.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray engine: GPUs each actor takes (1 on a GPU cluster).")
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
