@@ -43,7 +43,7 @@ def cpu_summary() -> str:
     import os
 
     from lorafit.frozen import int8_available
-    from lorafit.train import cpu_supports_bf16
+    from lorafit.runtime import cpu_supports_bf16
 
     return (f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
             f"capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_supports_bf16()}, "

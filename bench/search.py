@@ -191,7 +191,7 @@ def main() -> None:
         return
 
     results = {}
-    from lorafit.train import cpu_supports_bf16
+    from lorafit.runtime import cpu_supports_bf16
 
     # every flag but --only goes to the workers ("--only x" as well as "--only=x")
     passed, argv = [], iter(sys.argv[1:])

@@ -54,8 +54,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     from lorafit.model import load_tokenizer, prepare_model
     from lorafit.frozen import frozen_linears
     from lorafit.prefix_cache import FrozenPrefix
-    from lorafit.train import (_calibrate_int8, _param_groups, encode_splits, fast_dropout, frozen_mode,
-                               resolve_precision, training_attention)
+    from lorafit.runtime import resolve_precision
+    from lorafit.train import _calibrate_int8, _param_groups, encode_splits, fast_dropout, frozen_mode, training_attention
 
     off = VARIANTS[name]
     cfg = Config().with_overrides({"max_train_samples": rows})

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import lorafit
-from lorafit.serve import ServeOptions, create_app
+from lorafit.serve import ServeConfig, create_app
 
 from conftest import SAMPLE_TEXTS
 
@@ -35,7 +35,7 @@ def wait_ready(client: TestClient, timeout: float = 60) -> None:
 @contextlib.contextmanager
 def serving(run, classifier=None, **options):
     """A started TestClient (lifespan run, model ready) on an app for `run`."""
-    with TestClient(create_app(run, ServeOptions(**options), classifier=classifier)) as client:
+    with TestClient(create_app(run, ServeConfig(**options), classifier=classifier)) as client:
         wait_ready(client)
         yield client
 
@@ -187,4 +187,4 @@ def test_cli_refuses_a_bad_run_or_backend_before_listening(tiny_run, tmp_path):
     res = runner.invoke(app, ["serve", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a lorafit run directory" in res.output
     res = runner.invoke(app, ["serve", str(tiny_run), "--backend", "tensorrt"])
-    assert res.exit_code == 2 and "use one of auto, torch, onnx, onnx-int8" in res.output
+    assert res.exit_code == 2 and "--backend tensorrt: Input should be 'auto', 'torch', 'onnx' or 'onnx-int8'" in res.output

@@ -1,5 +1,10 @@
-"""The `lorafit` command line (Typer + Rich). Every `train` option is generated from a Config field, so a flag
-and a YAML key can never drift apart: `--lora-r 8` is `model.lora_r: 8`."""
+"""The `lorafit` command line (Typer). Every option of every command is generated from a field of a pydantic model
+in config.py, so a flag and its YAML key, type, choices and default cannot drift between commands: `--lora-r 8` is
+`model.lora_r: 8`, and `--device` is InferenceConfig.device in predict, classify, evaluate and serve alike.
+
+One grammar: the run or config a command works on is positional, `-i/--input` is what it reads, `-o/--output`
+what it writes. Help is click's plain formatter grouped by section: it wraps at the terminal's width and never
+cuts a name, a choice list or a default (Rich's tables did, at 80 columns)."""
 
 from __future__ import annotations
 
@@ -10,22 +15,101 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+import typer.core
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from .config import SECTIONS, Config
+from . import __version__
+from .config import (
+    DISTILL_FIELDS, SEARCH_FIELDS, SECTIONS, Config, DataConfig, DistillConfig, ExportConfig, InferenceConfig,
+    OutputConfig, PredictConfig, PushConfig, SearchConfig, ServeConfig,
+)
 from .errors import LorafitError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-    help="Fine-tune pretrained encoders for text classification with LoRA, then evaluate, report and predict.",
-)
 err = Console(stderr=True)
 
 
+class HelpFormatter(typer.Context.formatter_class):  # click's, as Typer carries it
+    """click's formatter, wrapping at spaces only: a name such as embedded:all-MiniLM-L6-v2 or a choice list is
+    never split at a hyphen or cut."""
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        import textwrap
+
+        rows = list(rows)
+        first_col = min(max((len(first) for first, _ in rows), default=0), col_max) + col_spacing
+        wrapper = textwrap.TextWrapper(max(self.width - first_col - 2, 10), break_on_hyphens=False,
+                                       break_long_words=False)
+        for first, second in rows:
+            self.write(" " * self.current_indent + first)
+            if not second:
+                self.write("\n")
+                continue
+            if len(first) <= first_col - col_spacing:
+                self.write(" " * (first_col - len(first)))
+            else:
+                self.write("\n" + " " * (first_col + self.current_indent))
+            lines = wrapper.wrap(" ".join(second.split())) or [""]
+            self.write(lines[0] + "\n")
+            for line in lines[1:]:
+                self.write(" " * (first_col + self.current_indent) + line + "\n")
+
+
+class HelpContext(typer.Context):
+    formatter_class = HelpFormatter
+
+
+class SectionedGroup(typer.core.TyperGroup):
+    context_class = HelpContext
+
+
+class SectionedCommand(typer.core.TyperCommand):
+    """Plain help, the options grouped under their section (data, model, train, ...)."""
+
+    context_class = HelpContext
+
+    def format_options(self, ctx, formatter) -> None:
+        arguments, groups = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                groups.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        for title in ["Options", *[t for t in groups if t != "Options"]]:
+            if title in groups:
+                with formatter.section(title):
+                    formatter.write_dl(groups[title])
+
+
+app = typer.Typer(
+    cls=SectionedGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Fine-tune pretrained encoders for text classification with LoRA, then evaluate, report, predict and serve.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorafit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Fine-tune pretrained encoders for text classification with LoRA, then evaluate, report and predict."""
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print lorafit's version and exit.")) -> None:
+    """Fine-tune pretrained encoders for text classification with LoRA, then evaluate, report, predict and serve."""
+
+
+def command(name: str, short_help: str, help: str):
+    """A command; `short_help` is its line in `lorafit --help` (click would cut the long help to fit)."""
+    return app.command(name, short_help=short_help, help=help, cls=SectionedCommand)
 
 
 def cli_errors(func: Callable) -> Callable:
@@ -48,55 +132,82 @@ def cli_errors(func: Callable) -> Callable:
     return wrapper
 
 
-# --- train: options generated from the Config fields ------------------------------------------------------
+# --- options from the schema ------------------------------------------------------------------------------
 def _is_list(annotation) -> bool:
-    return typing.get_origin(annotation) is list or any(
-        typing.get_origin(a) is list for a in typing.get_args(annotation)
-    )
+    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in typing.get_args(annotation))
 
 
 def _is_optional(annotation) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
-def _section_flag(section, name: str, value):
-    """A flag of a section kept out of SECTIONS (search:, distill:): 'none'/'null' is None where the field allows it;
-    anything else goes to the config as given, which validates it."""
-    optional = _is_optional(section.model_fields[name].annotation)
-    return None if optional and str(value).strip().lower() in ("none", "null") else value
+def _literals(annotation) -> list[str]:
+    """The allowed words of a Literal, also inside Optional / Union / list."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(x) for x in typing.get_args(annotation)]
+    return [word for a in typing.get_args(annotation) for word in _literals(a)]
 
 
-def _choices(annotation) -> list[str]:
-    for a in (annotation, *typing.get_args(annotation)):
-        if typing.get_origin(a) is typing.Literal:
-            return [str(x) for x in typing.get_args(a)]
-    return []
-
-
-def _metavar(annotation) -> str:
-    if _choices(annotation):
-        return "CHOICE"
+def metavar(name: str, annotation) -> str:
+    """What the option takes, as a user types it: [a|b] for choices, auto|FLOAT for a word or a number, A,B,...
+    for a list, FILE / DIR for paths."""
+    words = _literals(annotation)
+    kinds = [label for kind, label in ((int, "INT"), (float, "FLOAT"))
+             if annotation is kind or kind in typing.get_args(annotation)]
     if _is_list(annotation):
-        return "A,B,..."
-    for kind, label in ((int, "INT"), (float, "FLOAT")):
-        if annotation is kind or kind in typing.get_args(annotation):
-            return label
+        return f"[{'|'.join(words)}],..." if words else "A,B,..."
+    if words:
+        return "|".join(words + kinds) if kinds else f"[{'|'.join(words)}]"
+    if kinds:
+        return kinds[0]
+    if name.endswith("_file"):
+        return "FILE"
+    if name.endswith("_dir") or name.endswith("_run"):
+        return "DIR"
     return "TEXT"
 
 
-def _help(field, default) -> str:
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def option_help(field) -> str:
+    """The field's description and its default, once (a description that explains its default keeps it)."""
     text = field.description or ""
-    choices = _choices(field.annotation)
-    if choices:
-        text += f" [{'|'.join(choices)}]"
-    shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    return escape(f"{text} (default: {shown})")  # plain text: Rich markup would eat "[mpnet]" and "[cls|mean]"
+    if field.is_required() or "default" in text.lower():
+        return text
+    return f"{text} [default: {_shown(field.default)}]"
 
 
-def parse_flag(name: str, value: Any) -> Any:
-    """Turn a command-line string into what the Config field takes: lists split on commas, 'none' -> None."""
-    section = next(s for s in SECTIONS.values() if name in s.model_fields)
-    field = section.model_fields[name]
+def schema_options(model: type[BaseModel], names=None, *, panel: Optional[str] = None,
+                   flags: Optional[dict[str, tuple[str, ...]]] = None) -> list[inspect.Parameter]:
+    """One keyword parameter per field of `model` (or of `names`), each a typer Option named after the field
+    (`--field-name`, or the names in `flags`). Values arrive as text and are validated by the model itself."""
+    params = []
+    for name in names or model.model_fields:
+        field = model.model_fields[name]
+        names_of = (flags or {}).get(name) or ("--" + name.replace("_", "-"),)
+        required = field.is_required()
+        if field.annotation in (bool, Optional[bool]):
+            long = names_of[0]
+            option = typer.Option(None, f"{long}/--no-{long[2:]}", *names_of[1:], help=option_help(field),
+                                  rich_help_panel=panel, show_default=False)
+            annotation = Optional[bool]
+        else:
+            option = typer.Option(... if required else None, *names_of, help=option_help(field), show_default=False,
+                                  rich_help_panel=panel, metavar=metavar(name, field.annotation))
+            annotation = str if required else Optional[str]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option))
+    return params
+
+
+def parse_value(model: type[BaseModel], name: str, value: Any) -> Any:
+    """A command-line string as the field takes it: lists split on commas, 'none' -> None where allowed."""
+    field = model.model_fields[name]
     if isinstance(value, str):
         if value.strip().lower() in ("none", "null") and _is_optional(field.annotation):
             return None
@@ -105,45 +216,118 @@ def parse_flag(name: str, value: Any) -> Any:
     return value
 
 
-def _train_signature() -> inspect.Signature:
-    params = [
-        inspect.Parameter(
-            "config_file", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
-            default=typer.Argument(None, help="YAML config (see configs/); flags override its values.", show_default=False),
-        ),
-        inspect.Parameter(
-            "resume", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-            default=typer.Option(None, "--resume", help="Continue an interrupted run directory from its last checkpoint."),
-        ),
-        inspect.Parameter(
-            "print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-            default=typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
-        ),
-    ]
+def parse_flag(name: str, value: Any) -> Any:
+    """A train flag's value, for the Config section that owns `name`."""
+    return parse_value(next(s for s in SECTIONS.values() if name in s.model_fields), name, value)
+
+
+def build(model: type[BaseModel], flags: dict[str, Any], base: Optional[BaseModel] = None) -> Any:
+    """The model from the flags given (unset ones keep their default, or `base`'s value); one line if invalid."""
+    values = {k: parse_value(model, k, v) for k, v in flags.items() if k in model.model_fields and v is not None}
+    try:
+        return model.model_validate({**(base.model_dump() if base is not None else {}), **values})
+    except ValidationError as exc:
+        raise LorafitError(flag_error(exc)) from None
+
+
+def flag_error(exc: ValidationError) -> str:
+    """A validation error in the flags' own names: `--backend tensorrt: Input should be 'auto', ...`."""
+    parts = []
+    for e in exc.errors():
+        name = str(e["loc"][0]) if e["loc"] else ""
+        flag = f"--{name.replace('_', '-')} {e.get('input')}" if name else "command line"
+        parts.append(f"{flag}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def pop_fields(flags: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    return {k: flags.pop(k) for k in list(flags) if k in model.model_fields}
+
+
+def with_signature(params: list[inspect.Parameter]):
+    """Give a command function its generated parameters (typer reads __signature__)."""
+
+    def attach(func: Callable) -> Callable:
+        func.__signature__ = inspect.Signature(params)
+        return func
+
+    return attach
+
+
+def positional(name: str, annotation, help: str, required: bool = True) -> inspect.Parameter:
+    default = typer.Argument(... if required else None, help=help, show_default=False, metavar=name.upper())
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
+
+
+def keyword(name: str, annotation, option) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
+
+
+def config_argument(what: str = "flags override its values") -> inspect.Parameter:
+    return positional("config", Optional[Path], f"YAML config (see configs/); {what}.", required=False)
+
+
+def run_argument() -> inspect.Parameter:
+    return positional("run", Path, "A completed run directory.")
+
+
+def input_option(help: str, required: bool = True) -> inspect.Parameter:
+    return keyword("input", Path if required else Optional[Path],
+                   typer.Option(... if required else None, "-i", "--input", help=help, show_default=False,
+                                metavar="FILE"))
+
+
+def output_option(help: str, required: bool = True, metavar: str = "FILE") -> inspect.Parameter:
+    return keyword("output", Path if required else Optional[Path],
+                   typer.Option(... if required else None, "-o", "--output", help=help, show_default=False,
+                                metavar=metavar))
+
+
+def print_config_option() -> inspect.Parameter:
+    return keyword("print_config", bool, typer.Option(False, "--print-config",
+                                                      help="Print the resolved config as YAML and exit."))
+
+
+def hidden_alias(name: str, *flags: str) -> inspect.Parameter:
+    """An older spelling still accepted (e.g. --out), kept out of the help."""
+    return keyword(name, Optional[Path], typer.Option(None, *flags, hidden=True))
+
+
+# the text columns and pickle switch of the data section, which predict and evaluate read their files with
+READ_FIELDS = ("text_column", "text_columns", "allow_pickle")
+
+
+def train_options(skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """Every Config field as a flag, in its section's group."""
+    params = []
     for section, model in SECTIONS.items():
-        for name, field in model.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            if field.annotation in (bool, Optional[bool]):
-                option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=_help(field, field.default),
-                                      rich_help_panel=section, show_default=False)
-                annotation = Optional[bool]
-            else:
-                option = typer.Option(None, flag, help=_help(field, field.default), rich_help_panel=section,
-                                      show_default=False, metavar=_metavar(field.annotation))
-                annotation = Optional[str]
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option))
-    return inspect.Signature(params)
+        names = [n for n in model.model_fields if n not in skip]
+        params += schema_options(model, names, panel=section, flags={"output_dir": ("--output-dir",)})
+    return params
 
 
+# --- train ----------------------------------------------------------------------------------------------
+@command("train", "Fine-tune a model and write a run directory.", "Fine-tune, evaluate on the test split and write a run directory. With no arguments: the "
+         "embedded MiniLM with LoRA on the bundled AG News sample.")
 @cli_errors
-def _train(config_file: Optional[Path] = None, resume: Optional[Path] = None, print_config: bool = False, **flags):
+@with_signature([
+    config_argument(),
+    keyword("resume", Optional[Path], typer.Option(None, "--resume", metavar="RUN", help="Continue an interrupted "
+            "run directory from its last checkpoint, with its own config.yaml (flags may change how it runs).")),
+    print_config_option(),
+    *train_options(),
+])
+def _train(config: Optional[Path] = None, resume: Optional[Path] = None, print_config: bool = False, **flags):
     overrides = {k: parse_flag(k, v) for k, v in flags.items() if v is not None}
     if resume is not None:
+        if config is not None:
+            raise LorafitError(f"train {config} --resume {resume}: a resumed run keeps its own config "
+                               f"({resume}/config.yaml); drop {config} (flags may still change how it runs)")
         from .train import resume as resume_run
 
         resume_run(resume, **overrides)
         return
-    cfg = Config.from_yaml(config_file) if config_file else Config()
+    cfg = Config.from_yaml(config) if config else Config()
     if overrides:
         cfg = cfg.with_overrides(overrides)
     if print_config:
@@ -157,175 +341,145 @@ def _train(config_file: Optional[Path] = None, resume: Optional[Path] = None, pr
     train(cfg)
 
 
-_train.__signature__ = _train_signature()
-app.command(
-    "train",
-    help="Fine-tune, evaluate on the test split and write a run directory. With no arguments: the embedded "
-    "MiniLM with LoRA on the bundled AG News sample.",
-)(_train)
-
-
 # --- search: the train options fix what is not searched, plus the search section's own ---------------------
-def _search_signature() -> inspect.Signature:
-    from .config import SEARCH_FIELDS, SearchConfig
-
-    params = []
-    for p in _train_signature().parameters.values():
-        if p.name == "resume":
-            continue
-        if p.name == "time_budget_minutes":  # the issue's flag: in a search it bounds the study, not each trial
+def _search_params() -> list[inspect.Parameter]:
+    params = [config_argument(), print_config_option()]
+    for p in train_options():
+        if p.name == "time_budget_minutes":  # in a search it bounds the study, not each trial
             p = p.replace(default=typer.Option(None, "--time-budget-minutes", metavar="FLOAT", show_default=False,
                                                rich_help_panel="search", help="Stop starting trials after this many "
                                                "minutes (search.timeout_minutes; a per-trial budget goes in YAML)."))
         params.append(p)
-    aliases = {"search_dir": ["--out"]}
-    for name in SEARCH_FIELDS:
-        field = SearchConfig.model_fields[name]
-        if name == "timeout_minutes":
-            continue
-        option = typer.Option(None, "--" + name.replace("_", "-"), *aliases.get(name, []), rich_help_panel="search",
-                              help=_help(field, field.default), show_default=False, metavar=_metavar(field.annotation))
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=option))
-    return inspect.Signature(params)
+    names = [n for n in SEARCH_FIELDS if n != "timeout_minutes"]
+    params += schema_options(SearchConfig, names, panel="search", flags={"search_dir": ("-o", "--search-dir")})
+    return params + [hidden_alias("out", "--out")]
 
 
+@command("search", "Search hyperparameters with Optuna.", "Hyperparameter search with Optuna over the config's search: section (default: lr, batch size, "
+         "accumulation, weight decay, LoRA r/alpha/dropout, target modules, layers) under the parameter budget. "
+         "Running it again continues the study; workers with the same --study-name and --storage share it.")
 @cli_errors
-def _search(config_file: Optional[Path] = None, print_config: bool = False, **flags):
-    from .config import SEARCH_FIELDS, SearchConfig
-    from .search import search, search_config
+@with_signature(_search_params())
+def _search(config: Optional[Path] = None, print_config: bool = False, out: Optional[Path] = None, **flags):
+    from .extras import require_extra
 
     flags["timeout_minutes"] = flags.pop("time_budget_minutes", None)
+    if out is not None and flags.get("search_dir") is None:
+        flags["search_dir"] = str(out)
     overrides = {}
     for name, value in flags.items():
         if value is None:
             continue
-        if name in SEARCH_FIELDS:
-            overrides[name] = _section_flag(SearchConfig, name, value)
-        else:
-            overrides[name] = parse_flag(name, value)
-    cfg = search_config(Config.from_yaml(config_file) if config_file else None, **overrides)
+        overrides[name] = parse_value(SearchConfig, name, value) if name in SEARCH_FIELDS else parse_flag(name, value)
+    from .search import search, search_config
+
+    cfg = search_config(Config.from_yaml(config) if config else None, **overrides)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
+    require_extra("search", "lorafit search")
     search(cfg)
 
 
-_search.__signature__ = _search_signature()
-app.command(
-    "search",
-    help="Hyperparameter search with Optuna over the config's search: section (default: lr, batch size, "
-    "accumulation, weight decay, LoRA r/alpha/dropout, target modules, layers) under the parameter budget. Running "
-    "it again continues the study; workers with the same --study-name and --storage share it.",
-)(_search)
-
-
 # --- distill: a completed run teaches a student; the train options plus the distill section's -------------------
-# the issue's names for the two model options a student is chosen by
-_STUDENT_ALIASES = {"model": ("--student", "The student's backbone (default: the teacher's), e.g. "
-                                           "embedded:all-MiniLM-L6-v2."),
-                    "num_layers": ("--student-layers", "Keep only the student backbone's first K encoder layers "
-                                                       "(layer dropping, from its pretrained weights).")}
-FIELD_SECTIONS_DATA = set(SECTIONS["data"].model_fields)
+# the names a student is chosen by: its backbone and how many of its layers it keeps
+STUDENT_FLAGS = {"model": ("--student", "--model"), "num_layers": ("--student-layers", "--num-layers")}
 
 
-def _distill_signature() -> inspect.Signature:
-    from .config import DISTILL_FIELDS, DistillConfig
+def _distill_params() -> list[inspect.Parameter]:
     from .distill import STUDENT_DATA_OPTIONS
 
-    params = [inspect.Parameter(
-        "teacher_run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-        default=typer.Argument(..., help="The teacher: a completed run directory.", show_default=False))]
-    params.append(inspect.Parameter(
-        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-        default=typer.Option(None, "--config", help="YAML config of the student's model/train/output sections "
-                             "(default: the teacher's); its data section is replaced by the teacher's.")))
-    for p in _train_signature().parameters.values():
-        if p.name in ("config_file", "resume") or (p.name in FIELD_SECTIONS_DATA and p.name not in STUDENT_DATA_OPTIONS):
-            continue  # the student's data is the teacher's; resume a student with lorafit train --resume
-        if p.name in _STUDENT_ALIASES:
-            flag, text = _STUDENT_ALIASES[p.name]
-            p = p.replace(default=typer.Option(None, flag, "--" + p.name.replace("_", "-"), help=escape(text),
-                                               rich_help_panel="distill", show_default=False,
-                                               metavar="INT" if p.name == "num_layers" else "TEXT"))
+    params = [positional("teacher_run", Path, "The teacher: a completed run directory."),
+              config_argument("the student's model/train/output sections (default: the teacher's); its data "
+                              "section is the teacher's"), print_config_option()]
+    skip = tuple(n for n in SECTIONS["data"].model_fields if n not in STUDENT_DATA_OPTIONS)
+    for p in train_options(skip=skip):
+        if p.name in STUDENT_FLAGS:
+            field = SECTIONS["model"].model_fields[p.name]
+            text = {"model": "The student's backbone (default: the teacher's), e.g. embedded:all-MiniLM-L6-v2.",
+                    "num_layers": "Keep only the student backbone's first K encoder layers (layer dropping, from "
+                                  "its pretrained weights)."}[p.name]
+            p = p.replace(default=typer.Option(None, *STUDENT_FLAGS[p.name], help=text, rich_help_panel="distill",
+                                               show_default=False, metavar=metavar(p.name, field.annotation)))
         params.append(p)
-    for name in DISTILL_FIELDS:
-        if name == "teacher_run":
-            continue
-        field = DistillConfig.model_fields[name]
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--" + name.replace("_", "-"), rich_help_panel="distill", help=_help(field, field.default),
-            show_default=False, metavar=_metavar(field.annotation))))
-    return inspect.Signature(params)
+    names = [n for n in DISTILL_FIELDS if n != "teacher_run"]
+    return params + schema_options(DistillConfig, names, panel="distill") + [hidden_alias("config_option", "--config")]
 
 
+@command("distill", "Train a smaller student on a teacher run's logits.", "Train a student run on a completed teacher run's logits (soft-label KL at a temperature + the "
+         "hard labels) on the teacher's data and splits; the teacher's logits are computed once and cached in its "
+         "run directory. The student may be another backbone (--student) or the first K layers of one "
+         "(--student-layers).")
 @cli_errors
-def _distill(teacher_run: Path, config_file: Optional[Path] = None, print_config: bool = False, **flags):
-    from .config import DISTILL_FIELDS, DistillConfig
+@with_signature(_distill_params())
+def _distill(teacher_run: Path, config: Optional[Path] = None, print_config: bool = False,
+             config_option: Optional[Path] = None, **flags):
     from .distill import student_config
     from .train import train
 
-    overrides = {k: (_section_flag(DistillConfig, k, v) if k in DISTILL_FIELDS else parse_flag(k, v))
+    config = config or config_option
+    overrides = {k: (parse_value(DistillConfig, k, v) if k in DISTILL_FIELDS else parse_flag(k, v))
                  for k, v in flags.items() if v is not None}
-    cfg = student_config(teacher_run, Config.from_yaml(config_file) if config_file else None, **overrides)
+    cfg = student_config(teacher_run, Config.from_yaml(config) if config else None, **overrides)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
     train(cfg)
 
 
-_distill.__signature__ = _distill_signature()
-app.command(
-    "distill",
-    help="Train a student run on a completed teacher run's logits (soft-label KL at a temperature + the hard "
-    "labels) on the teacher's data and splits; the teacher's logits are computed once and cached in its run "
-    "directory. The student may be another backbone (--student) or the first K layers of one (--student-layers).",
-)(_distill)
+# --- inference: classify, predict, evaluate -----------------------------------------------------------------
+def inference_options(model: type[BaseModel] = InferenceConfig, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    names = [n for n in InferenceConfig.model_fields if n not in skip]
+    return schema_options(model, names, panel="inference")
 
 
-# --- inference: classify, predict, evaluate, merge, export ------------------------------------------------
-_BACKEND_HELP = ("auto: the run's ONNX export if present (int8 when it was exported), else torch | torch | onnx | "
-                 "onnx-int8")
-_RUN_ARG = typer.Argument(..., help="A completed run directory.", show_default=False)
+def read_options(names=READ_FIELDS) -> list[inspect.Parameter]:
+    """The data section's options for reading an input file (text columns, pickles), in a group of their own."""
+    return schema_options(DataConfig, names, panel="input")
 
 
-_ALLOW_BASE = typer.Option(False, "--allow-different-base", help="Load even if the run's backbone changed since "
-                           "training (run.json `backbone`); otherwise that is refused.")
-
-
-def _load_run(run: Path, backend: str, batch_size: int, precision: str, allow_different_base: bool = False):
+def load_classifier(run: Path, flags: dict[str, Any]):
+    """The run's classifier with the inference options given (device, backend, precision, batch size)."""
     from .predict import load
 
-    return load(run, backend=backend, batch_size=batch_size, precision=precision,
-                allow_different_base=allow_different_base)
+    opts = build(InferenceConfig, pop_fields(flags, InferenceConfig))
+    return load(run, device=opts.device, backend=opts.backend, batch_size=opts.batch_size, precision=opts.precision,
+                allow_different_base=opts.allow_different_base)
 
 
-def _input_columns(clf, path: Path, text_column: Optional[str]) -> list[str]:
-    """--text-column, else the run's own text column(s); a .txt file is one text per line."""
+def input_columns(clf, path: Path, read: DataConfig) -> list[str]:
+    """--text-columns, else --text-column, else the run's own text column(s); a .txt file is one text per line."""
     if path.name.lower().endswith(".txt"):
         return ["text"]
-    if text_column:
-        return [c.strip() for c in text_column.split(",") if c.strip()]
-    from .config import Config
-
+    if read.text_columns:
+        return read.text_columns
+    given = "text_column" in read.model_fields_set
+    if given:
+        return [read.text_column]
     data = Config.from_yaml(clf.run_dir / "config.yaml").data
     return data.text_columns or [data.text_column]
 
 
-@app.command("classify", help="Classify texts given on the command line: label and class probabilities.")
+def read_config(flags: dict[str, Any], names=READ_FIELDS) -> DataConfig:
+    values = {k: parse_value(DataConfig, k, v) for k, v in pop_fields(flags, DataConfig).items() if v is not None}
+    try:
+        return DataConfig(**values)
+    except ValidationError as exc:
+        raise LorafitError(flag_error(exc)) from None
+
+
+@command("classify", "Classify texts given on the command line.", "Classify texts given on the command line: label and class probabilities.")
 @cli_errors
-def classify(
-    run: Path = _RUN_ARG,
-    texts: list[str] = typer.Argument(..., help="One or more texts (quote each).", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: [{text, label, probabilities{class: p}}]."),
-    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
-    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
-    allow_different_base: bool = _ALLOW_BASE,
-) -> None:
+@with_signature([
+    run_argument(),
+    positional("texts", list[str], "One or more texts (quote each)."),
+    keyword("as_json", bool, typer.Option(False, "--json", help="Print JSON: [{text, label, probabilities}].")),
+    *inference_options(),
+])
+def classify(run: Path, texts: list[str], as_json: bool = False, **flags) -> None:
     import json
 
-    from rich.console import Console
-
-    clf = _load_run(run, backend, 64, precision, allow_different_base)
+    clf = load_classifier(run, flags)
     probs = clf.predict_proba(texts)
     names = [str(n) for n in clf.classes_]
     rows = [{"text": t, "label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
@@ -334,30 +488,25 @@ def classify(
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
     out = Console(highlight=False, soft_wrap=True)
-    err.print(f"[dim]{run} ({clf.backend.name})[/]", highlight=False)
+    err.print(f"[dim]{run} ({clf.backend.name} on {clf.device})[/]", highlight=False)
     for row in rows:
         ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])
-        out.print(f"[bold]{row['label']}[/] {ranked[0][1]:.3f}  {row['text'][:100]}")
-        out.print("  " + "  ".join(f"{n} {p:.3f}" for n, p in ranked[:8]), style="dim")
+        out.print(f"[bold]{escape(row['label'])}[/] {ranked[0][1]:.3f}  {escape(row['text'][:100])}")
+        out.print("  " + "  ".join(f"{escape(n)} {p:.3f}" for n, p in ranked[:8]), style="dim")
 
 
-@app.command("predict", help="Predict a file (csv, tsv, jsonl, json, parquet, txt: one text per line; pkl with "
-             "--allow-pickle) into a CSV with columns ID,Label (as leaderboards expect).")
+@command("predict", "Predict a file of texts into a leaderboard CSV.", "Predict a file (csv, tsv, jsonl, json, parquet; txt: one text per line; pkl with "
+         "--allow-pickle) into a CSV with columns ID,Label, as leaderboards expect.")
 @cli_errors
-def predict_file(
-    run: Path = _RUN_ARG,
-    input: Path = typer.Option(..., "--input", "-i", help="File of texts to classify.", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="CSV to write (ID,Label[,prob_<class>...]).", show_default=False),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column(s), comma-separated (default: the run's)."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="ID column (default: a column named id/ID, else the row index)."),
-    label_format: str = typer.Option("name", "--labels", help="Write labels as class names (name) or class ids (id)."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Add a prob_<class> column per class."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .pkl/.pickle inputs (unpickling runs code: trusted files only)."),
-    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
-    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (sorted by length; on a GPU larger pays)."),
-    allow_different_base: bool = _ALLOW_BASE,
-) -> None:
+@with_signature([
+    run_argument(),
+    input_option("File of texts to classify."),
+    output_option("CSV to write: ID,Label (and a prob_<class> column per class with --probabilities)."),
+    *read_options(),
+    *schema_options(PredictConfig, ("id_column", "labels", "probabilities"), panel="output"),
+    *inference_options(),
+])
+def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
     import io
     import time
 
@@ -366,118 +515,124 @@ def predict_file(
     from .fileio import atomic_write_text
     from .predict import input_texts, read_inputs, row_ids
 
-    if label_format not in ("name", "id"):
-        raise LorafitError(f"--labels {label_format}: use name or id")
-    clf = _load_run(run, backend, batch_size, precision, allow_different_base)
-    df = read_inputs(input, allow_pickle=allow_pickle)
-    texts = input_texts(df, _input_columns(clf, input, text_column), str(input))
-    ids = row_ids(df, id_column, str(input))
+    read = read_config(flags)
+    opts = build(PredictConfig, pop_fields(flags, PredictConfig))
+    clf = load_classifier(run, flags)
+    df = read_inputs(input, allow_pickle=read.allow_pickle)
+    texts = input_texts(df, input_columns(clf, input, read), str(input))
+    ids = row_ids(df, opts.id_column, str(input))
     t0 = time.perf_counter()
     probs = clf.predict_proba(texts)
     seconds = time.perf_counter() - t0
     pred = probs.argmax(-1)
-    out = pd.DataFrame({"ID": ids, "Label": clf.classes_[pred] if label_format == "name" else pred})
-    if probabilities:
+    out = pd.DataFrame({"ID": ids, "Label": clf.classes_[pred] if opts.labels == "name" else pred})
+    if opts.probabilities:
         for j, name in enumerate(clf.classes_):
             out[f"prob_{name}"] = probs[:, j].round(6)
     buf = io.StringIO()
     out.to_csv(buf, index=False)
     atomic_write_text(output, buf.getvalue())
     counts = ", ".join(f"{n} {c}" for n, c in out["Label"].value_counts().sort_index().items())
-    err.print(f"wrote {len(out)} predictions to {output} ({clf.backend.name}, {len(texts) / max(seconds, 1e-9):.0f} "
-              f"texts/s); labels: {counts}", highlight=False, soft_wrap=True)
+    err.print(f"wrote {len(out)} predictions to {output} ({clf.backend.name} on {clf.device}, "
+              f"{len(texts) / max(seconds, 1e-9):.0f} texts/s); labels: {counts}", highlight=False, soft_wrap=True)
 
 
-@app.command("evaluate", help="Metrics of a run on any labelled file (the same metrics as training's test split).")
+@command("evaluate", "Metrics, plots and errors of a run on a labelled file.", "Metrics of a run on any labelled file: the same metrics as training's test split.")
 @cli_errors
-def evaluate_file(
-    run: Path = _RUN_ARG,
-    data: Path = typer.Option(..., "--data", "-d", help="Labelled file (csv, tsv, jsonl, json, parquet; pkl with --allow-pickle).", show_default=False),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column(s), comma-separated (default: the run's)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column: class names or ids (default: the run's)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .pkl/.pickle files (unpickling runs code: trusted files only)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON to this file."),
-    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
-    precision: str = typer.Option("fp32", "--precision", help="torch backend: fp32 | bf16 (autocast)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (sorted by length; on a GPU larger pays)."),
-    allow_different_base: bool = _ALLOW_BASE,
-) -> None:
+@with_signature([
+    run_argument(),
+    input_option("Labelled file (csv, tsv, jsonl, json, parquet; pkl with --allow-pickle).", required=False),
+    output_option("Also write the metrics as JSON to this file.", required=False),
+    *read_options((*READ_FIELDS[:2], "label_column", READ_FIELDS[2])),
+    keyword("as_json", bool, typer.Option(False, "--json", help="Print the metrics as JSON.")),
+    *inference_options(),
+    hidden_alias("data", "--data", "-d"),
+])
+def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path] = None, as_json: bool = False,
+                  data: Optional[Path] = None, **flags) -> None:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
-    from .config import Config
     from .data import labels_from
     from .evaluate import compute_metrics
     from .fileio import atomic_write_json
     from .predict import input_texts, read_inputs
 
-    clf = _load_run(run, backend, batch_size, precision, allow_different_base)
-    df = read_inputs(data, allow_pickle=allow_pickle)
-    texts = input_texts(df, _input_columns(clf, data, text_column), str(data))
+    input = input or data
+    if input is None:
+        raise LorafitError("evaluate: give the labelled file to evaluate on with -i FILE")
+    read = read_config(flags)
+    clf = load_classifier(run, flags)
+    df = read_inputs(input, allow_pickle=read.allow_pickle)
+    texts = input_texts(df, input_columns(clf, input, read), str(input))
     data_cfg = Config.from_yaml(clf.run_dir / "config.yaml").data
-    if label_column:
-        data_cfg = data_cfg.model_copy(update={"label_column": label_column})
+    if "label_column" in read.model_fields_set:
+        data_cfg = data_cfg.model_copy(update={"label_column": read.label_column})
     names = [str(n) for n in clf.classes_]
-    labels, _ = labels_from(df, data_cfg, str(data), names, fixed=True)
-    metrics = {"data": str(data), "backend": clf.backend.name, **compute_metrics(labels, clf.decision_function(texts), names)}
+    labels, _ = labels_from(df, data_cfg, str(input), names, fixed=True)
+    metrics = {"data": str(input), "backend": clf.backend.name,
+               **compute_metrics(labels, clf.decision_function(texts), names)}
     if output:
         atomic_write_json(output, metrics)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
         return
     out = Console(highlight=False)
-    out.print(f"[bold]{data}[/]: {metrics['n']} texts, accuracy {metrics['accuracy']:.4f}, macro F1 "
-              f"{metrics['f1_macro']:.4f}, loss {metrics['loss']:.4f} ({clf.backend.name})")
+    out.print(f"[bold]{escape(str(input))}[/]: {metrics['n']} texts, accuracy {metrics['accuracy']:.4f}, macro F1 "
+              f"{metrics['f1_macro']:.4f}, loss {metrics['loss']:.4f} ({clf.backend.name} on {clf.device})")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics["per_class"].items():
-        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+        table.add_row(escape(name), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      str(row["support"]))
     out.print(table)
 
 
-@app.command("merge", help="Write the run's model with the adapter merged into the base, as a plain Transformers "
-             "model that loads without lorafit.")
+# --- merge, export, push ----------------------------------------------------------------------------------
+@command("merge", "Merge the adapter into a plain Transformers model.", "Write the run's model with the adapter merged into the base, as a plain Transformers model "
+         "that loads without lorafit.")
 @cli_errors
-def merge_run(
-    run: Path = _RUN_ARG,
-    out: Path = typer.Option(..., "--out", help="Directory to write.", show_default=False),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
-    allow_different_base: bool = _ALLOW_BASE,
-) -> None:
+@with_signature([
+    run_argument(),
+    output_option("Directory to write.", required=False, metavar="DIR"),
+    *schema_options(OutputConfig, ("overwrite",)),
+    *schema_options(InferenceConfig, ("allow_different_base",)),
+    hidden_alias("out", "--out"),
+])
+def merge_run(run: Path, output: Optional[Path] = None, out: Optional[Path] = None, **flags) -> None:
     from .export import merge
 
-    result = merge(run, out, overwrite=overwrite, allow_different_base=allow_different_base)
+    output = output or out
+    if output is None:
+        raise LorafitError("merge: give the directory to write with -o DIR")
+    result = merge(run, output, overwrite=bool(flags.get("overwrite")),
+                   allow_different_base=bool(flags.get("allow_different_base")))
     if result["pooling"] == "cls":
-        typer.echo(f"wrote {out}: a plain Transformers model; load it with "
-                   f"AutoModelForSequenceClassification.from_pretrained('{out}') (tokenizer included)")
+        typer.echo(f"wrote {output}: a plain Transformers model; load it with "
+                   f"AutoModelForSequenceClassification.from_pretrained('{output}') (tokenizer included)")
     else:
-        typer.echo(f"wrote {out}: this run uses mean pooling, which Transformers has no classification class for, so "
-                   f"{out} holds the merged encoder (AutoModel.from_pretrained('{out}')) + the head in "
-                   f"head.safetensors; {out}/README.md shows the 5 lines that apply it")
+        typer.echo(f"wrote {output}: this run uses mean pooling, which Transformers has no classification class "
+                   f"for, so {output} holds the merged encoder (AutoModel.from_pretrained('{output}')) + the head "
+                   f"in head.safetensors; {output}/README.md shows the 5 lines that apply it")
     if result["tfidf_weight_not_merged"] is not None:
         typer.echo(f"note: it is the encoder alone; the run's predictions also blend its TF-IDF model (weight "
                    f"{result['tfidf_weight_not_merged']:g}), which lorafit.load('{run}') applies")
 
 
-@app.command("export", help="Export the run's classifier to RUN/export/ for ONNX Runtime; predict and classify "
-             "then use it (--backend auto).")
+@command("export", "Export the classifier for ONNX Runtime.", "Export the run's classifier to RUN/export/ for ONNX Runtime; predict and classify then use "
+         "it on a CPU (--backend auto).")
 @cli_errors
-def export_run(
-    run: Path = _RUN_ARG,
-    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-    int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (faster on CPU)."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
-    allow_different_base: bool = _ALLOW_BASE,
-) -> None:
+@with_signature([run_argument(), *schema_options(ExportConfig),
+                 *schema_options(InferenceConfig, ("allow_different_base",))])
+def export_run(run: Path, **flags) -> None:
+    from .extras import require_extra
+
+    opts = build(ExportConfig, pop_fields(flags, ExportConfig))
+    require_extra("inference", "lorafit export")
     from .export import export_onnx
 
-    if format != "onnx":
-        raise LorafitError(f"--format {format}: only onnx is supported")
-    report = export_onnx(run, int8=int8, opset=opset, allow_different_base=allow_different_base)
-    files = ", ".join(f"{run / 'export' / f}" for f in report["files"].values())
-    typer.echo(f"wrote {files}")
+    report = export_onnx(run, int8=opts.int8, opset=opts.opset, allow_different_base=bool(flags.get("allow_different_base")))
+    typer.echo(f"wrote {', '.join(str(run / 'export' / f) for f in report['files'].values())}")
     check = report.get("check")
     if check:
         base = check.get("torch", {}).get("accuracy")
@@ -487,98 +642,90 @@ def export_run(
             acc = f", accuracy {row['accuracy']:.4f} ({row['accuracy_change_points']:+.2f} points)" if "accuracy" in row else ""
             typer.echo(f"  {name}: labels agree with torch on {100 * row['agreement']:.2f}%{acc}, "
                        f"max |logit diff| {row['max_abs_logit_diff']:.2g}")
-    used = "onnx-int8" if int8 else "onnx"
-    typer.echo(f"predict/classify/evaluate now use {used} by default (--backend torch|onnx|onnx-int8 to choose)")
+    used = "onnx-int8" if opts.int8 else "onnx"
+    typer.echo(f"predict/classify/evaluate now use {used} on a CPU by default (--backend torch|onnx|onnx-int8 to choose)")
 
 
-@app.command("push", help="Upload a run's model, tokenizer, labels, config and model card to the Hugging Face Hub "
-             "in one commit (nothing partial lands).")
+@command("push", "Upload a run to the Hugging Face Hub.", "Upload a run's model, tokenizer, labels, config and model card to the Hugging Face Hub in one "
+         "commit (nothing partial lands).")
 @cli_errors
-def push_run(
-    run: Path = _RUN_ARG,
-    repo_id: str = typer.Option(..., "--repo-id", help="Hub model repo, e.g. user/ag-news-minilm-lora.", show_default=False),
-    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token with write access (default: HF_TOKEN or the "
-                                        "token saved by `hf auth login`)."),
-) -> None:
+@with_signature([run_argument(), *schema_options(PushConfig)])
+def push_run(run: Path, **flags) -> None:
     from .push import push
 
-    typer.echo(f"pushed {run} to https://huggingface.co/{repo_id}: {push(run, repo_id, private=private, token=token)}")
+    opts = build(PushConfig, flags)
+    link = push(run, opts.repo_id, private=opts.private, token=opts.token)
+    typer.echo(f"pushed {run} to https://huggingface.co/{opts.repo_id}: {link}")
 
 
 # --- serve (HTTP) -----------------------------------------------------------------------------------------
-def _serve_help(name: str) -> str:
-    from .serve import ServeOptions
-
-    return ServeOptions.model_fields[name].description
-
-
-@app.command("serve", help="Serve the run over HTTP with dynamic batching: POST /v1/classify, POST /predict, "
-             "GET /v1/model, /healthz, /readyz, /metrics, a page at / and OpenAPI at /docs (docs/serving.md).")
+@command("serve", "Serve a run over HTTP with dynamic batching.", "Serve the run over HTTP with dynamic batching: POST /v1/classify, POST /predict, GET /v1/model, "
+         "/healthz, /readyz, /metrics, a page at / and OpenAPI at /docs (docs/serving.md).")
 @cli_errors
-def serve_run(
-    run: Path = _RUN_ARG,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default; 0.0.0.0 for all)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
-    backend: str = typer.Option("auto", "--backend", help=_serve_help("backend")),
-    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
-    forward_batch_size: int = typer.Option(8, "--forward-batch-size", min=1, help=_serve_help("forward_batch_size")),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help=_serve_help("max_wait_ms")),
-    max_queue: int = typer.Option(1024, "--max-queue", min=1, help=_serve_help("max_queue")),
-    max_texts: int = typer.Option(256, "--max-texts", min=1, help=_serve_help("max_texts")),
-    max_chars: int = typer.Option(20_000, "--max-chars", min=1, help=_serve_help("max_chars")),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAFIT_API_KEY", show_default=False,
-                                          help=_serve_help("api_key") + " Also read from LORAFIT_API_KEY."),
-) -> None:
+@with_signature([run_argument(), *schema_options(ServeConfig, InferenceConfig.model_fields, panel="inference"),
+                 *schema_options(ServeConfig, [n for n in ServeConfig.model_fields if n not in InferenceConfig.model_fields],
+                                 panel="serve")])
+def serve_run(run: Path, **flags) -> None:
     import copy
+    import os
     import signal
 
+    from .extras import require_extra
+
+    if flags.get("api_key") is None:
+        flags["api_key"] = os.environ.get("LORAFIT_API_KEY") or None
+    opts = build(ServeConfig, flags)
+    require_extra("serve", "lorafit serve")
     import uvicorn
 
-    from .serve import ServeOptions, check_host, create_app
-
-    opts = ServeOptions(backend=backend, max_batch_size=max_batch_size, forward_batch_size=forward_batch_size,
-                        max_wait_ms=max_wait_ms, max_queue=max_queue,
-                        max_texts=max_texts, max_chars=max_chars, api_key=api_key or None)
-    application = create_app(run, opts)  # reads the run and resolves the backend: bad input fails before listening
-    warning = check_host(host, opts.api_key)
-    if warning:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from .predict import resolve_backend
+    from .runtime import resolve_device
+    from .serve import check_host, create_app
 
-    kind, _ = resolve_backend(run, backend)
-    why = " (auto: the fastest the run has)" if backend == "auto" else ""
-    err.print(f"serving {run} with the {kind} backend{why} at http://{host}:{port} (page at /, API at /docs)",
-              highlight=False, soft_wrap=True)
+    application = create_app(run, opts)  # reads the run and resolves the backend: bad input fails before listening
+    warning = check_host(opts.host, opts.api_key)
+    if warning:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    device = resolve_device(opts.device, field="device")
+    kind, _ = resolve_backend(run, opts.backend, device)
+    why = " (auto: the fastest the run has here)" if opts.backend == "auto" else ""
+    err.print(f"serving {run} with the {kind} backend on {device}{why} at http://{opts.host}:{opts.port} (page at "
+              f"/, API at /docs)", highlight=False, soft_wrap=True)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["lorafit.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, whose default action would end the
     # process with -15; a drained shutdown is a success, so that re-raise does nothing and serve exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(application, host=host, port=port, log_config=log_config, timeout_graceful_shutdown=30)
+    uvicorn.run(application, host=opts.host, port=opts.port, log_config=log_config, timeout_graceful_shutdown=30)
 
 
 # --- report (run report and comparisons) ----------------------------------------------------------------
-@app.command("report", help="(Re)write report.md, report.html, plots/ and the model card model/README.md of a run "
-             "from its run directory alone.")
+@command("report", "(Re)write a run's report and model card.", "(Re)write report.md, report.html, plots/ and the model card model/README.md of a run from its "
+         "run directory alone.")
 @cli_errors
-def _report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+@with_signature([run_argument()])
+def _report(run: Path) -> None:
     from .report import write_report
 
     typer.echo(f"wrote {write_report(run)}, {run / 'report.md'} and the model card {run / 'model' / 'README.md'}")
 
 
-@app.command("compare", help="One table and overlaid validation curves for several runs (ablations).")
+@command("compare", "Compare several runs in one table and plot.", "One table and overlaid validation curves for several runs (ablations).")
 @cli_errors
-def _compare(
-    runs: list[Path] = typer.Argument(..., help="Run directories."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", help="Directory for compare.md/.html/.csv and plots."),
-) -> None:
+@with_signature([
+    positional("runs", list[Path], "Run directories (two or more)."),
+    keyword("output", Path, typer.Option(Path("runs/compare"), "-o", "--output", metavar="DIR",
+                                         help="Directory for compare.md/.html/.csv and plots. [default: runs/compare]",
+                                         show_default=False)),
+    hidden_alias("out", "--out"),
+])
+def _compare(runs: list[Path], output: Path = Path("runs/compare"), out: Optional[Path] = None) -> None:
     from .report import compare
 
+    output = out or output
     if len(runs) < 2:
         raise LorafitError("compare needs at least two run directories")
-    typer.echo(f"wrote {compare(runs, out)}, {out / 'compare.md'} and {out / 'compare.csv'}")
+    typer.echo(f"wrote {compare(runs, output)}, {output / 'compare.md'} and {output / 'compare.csv'}")
 
 
 def main() -> None:

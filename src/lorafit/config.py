@@ -398,6 +398,44 @@ class PredictConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray engine: GPUs each actor takes (1 on a GPU cluster).")
 
 
+class ServeConfig(InferenceConfig):
+    """`lorafit serve`: the inference options plus the server's address, batching and limits."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on (loopback; 0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    batch_size: Union[Literal["auto"], int] = Field(
+        "auto", description="Texts per forward pass inside a gathered batch, sorted by length first. 'auto': 8 on a "
+        "CPU (small forwards pad least, docs/serving.md), the whole gathered batch on a GPU."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most texts the batcher gathers into one batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more texts before a forward.")
+    max_queue: int = Field(1024, ge=1, description="Most texts waiting; beyond it requests get 503 with Retry-After.")
+    max_texts: int = Field(256, ge=1, description="Most texts in one request (more: 413).")
+    max_chars: int = Field(20_000, ge=1, description="Most characters in one text (more: 422).")
+    api_key: Optional[str] = Field(
+        None, description="Require this key (Authorization: Bearer KEY or X-API-Key) on every endpoint except "
+        "/healthz, /readyz and the page; also read from LORAFIT_API_KEY."
+    )
+
+
+class ExportConfig(_Section):
+    """`lorafit export`: the run's classifier for ONNX Runtime."""
+
+    format: Literal["onnx"] = Field("onnx", description="Export format.")
+    int8: bool = Field(False, description="Also write a dynamically int8-quantised model (faster on a CPU).")
+    opset: int = Field(17, ge=11, description="ONNX opset version.")
+
+
+class PushConfig(_Section):
+    """`lorafit push`: a run's model, tokenizer, labels, config and card to the Hugging Face Hub."""
+
+    repo_id: str = Field(description="Hub model repo, e.g. user/ag-news-minilm-lora.")
+    private: bool = Field(False, description="Create the repo as private.")
+    token: Optional[str] = Field(
+        None, description="Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)."
+    )
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

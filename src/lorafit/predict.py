@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -15,7 +15,9 @@ import torch
 from .data import clean_text, encode, read_table
 from .errors import LorafitError
 from .evaluate import batched_apply, predict_logits, softmax
+from .extras import require_extra
 from .rundir import read_labels, read_run
+from .runtime import inference_batch_size, inference_precision, resolve_device
 
 EXPORT_DIR = "export"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -42,13 +44,21 @@ class TorchBackend:
 class OnnxBackend:
     """An exported classifier (input_ids + attention_mask -> logits) under ONNX Runtime, one thread per core."""
 
-    def __init__(self, path: Path, threads: Optional[int] = None, name: str = "onnx"):
+    def __init__(self, path: Path, threads: Optional[int] = None, name: str = "onnx", device: str = "cpu"):
+        require_extra("inference", f"the {name} backend", ("onnxruntime",))
         import onnxruntime as ort
 
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu":  # onnxruntime-gpu brings CUDA's provider; the CPU package does not
+            provider = {"cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider"}[device]
+            if provider not in ort.get_available_providers():
+                raise LorafitError(f"backend {name} on {device}: this onnxruntime has no {provider}; use --backend "
+                                   f"torch on a GPU (or --device cpu)")
+            providers.insert(0, provider)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or cpu_cores()
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.path, self.name = Path(path), name
 
     def logits(self, enc, batch_size: int, pad_id: int) -> np.ndarray:
@@ -108,15 +118,17 @@ class Classifier:
         return self.classes_[self.decision_function(texts).argmax(-1)]
 
 
-def resolve_backend(run_dir: Path, backend: str) -> tuple[str, Optional[Path]]:
-    """'auto' takes the run's exported ONNX model when there is one (int8 if it was exported), else torch."""
+def resolve_backend(run_dir: Path, backend: str, device: str = "cpu") -> tuple[str, Optional[Path]]:
+    """'auto' takes the run's exported ONNX model on a CPU when there is one (int8 if it was exported), else
+    torch: on a GPU torch in bf16 is the fast path, and the export exists for CPUs."""
     if backend not in BACKENDS:
         raise LorafitError(f"backend '{backend}': use one of {', '.join(BACKENDS)}")
     export = Path(run_dir) / EXPORT_DIR
     if backend == "auto":
-        for name in ("onnx-int8", "onnx"):
-            if (export / ONNX_FILES[name]).is_file():
-                return name, export / ONNX_FILES[name]
+        if device == "cpu":
+            for name in ("onnx-int8", "onnx"):
+                if (export / ONNX_FILES[name]).is_file():
+                    return name, export / ONNX_FILES[name]
         return "torch", None
     if backend == "torch":
         return "torch", None
@@ -132,15 +144,17 @@ def torch_backend_name(precision: str) -> str:
     return "torch" if precision == "fp32" else "torch-bf16"
 
 
-def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: bool = True,
-         backend: str = "auto", precision: Literal["fp32", "bf16"] = "fp32",
-         allow_different_base: bool = False) -> Classifier:
+def load(run_dir: str | Path, device: str = "auto", batch_size: Union[int, str] = "auto", merge: bool = True,
+         backend: str = "auto", precision: str = "auto", allow_different_base: bool = False) -> Classifier:
     """Load a completed run's classifier (weights are read as safetensors or ONNX; nothing is unpickled).
 
-    backend: 'auto' (the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
-    batch_size: texts per forward, sorted by length. On a 2-core CPU 16 ran torch 1.2x faster than 64 and ONNX as
-    fast (bench/inference.py, docs/serving.md); on a GPU larger batches pay.
-    precision: torch only; 'bf16' runs under bf16 autocast (fast on CPUs with AVX512-BF16 or AMX).
+    The options are InferenceConfig's (config.py), as `lorafit predict` takes them:
+    device: 'auto' (a CUDA GPU where there is one, then MPS, then the CPU), 'cpu', 'cuda' or 'mps'.
+    backend: 'auto' (on a CPU the run's ONNX export if present, else torch), 'torch', 'onnx' or 'onnx-int8'.
+    precision: torch only; 'auto' is bf16 on a GPU that has it and fp32 on a CPU; 'bf16' runs under bf16 autocast
+    (fast on CPUs with AVX512-BF16 or AMX).
+    batch_size: texts per forward, sorted by length; 'auto' is 16 on a CPU (faster than 64 on 2 cores,
+    bench/inference.py) and 256 on a GPU.
     allow_different_base: rebuild a LoRA or head-only run (torch backend) on its backbone even when that backbone
     is no longer the one recorded in run.json (`backbone`); by default that is refused. Full fine-tuning runs
     and ONNX exports hold every weight themselves and are not checked.
@@ -150,21 +164,23 @@ def load(run_dir: str | Path, device: str = "cpu", batch_size: int = 16, merge: 
         return _load(Path(run_dir), device, batch_size, merge, backend, precision, allow_different_base)
 
 
-def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str, precision: str,
+def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, backend: str, precision: str,
           allow_different_base: bool) -> Classifier:
     from .model import check_backbone, load_trained, load_tokenizer
     from .tfidf import TfidfModel
 
     run_dir, cfg, info = read_run(run_dir)
     label_names = read_labels(run_dir)
+    device = resolve_device(device, field="device")
+    batch_size = inference_batch_size(batch_size, device)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    kind, onnx_path = resolve_backend(run_dir, backend)
+    kind, onnx_path = resolve_backend(run_dir, backend, device)
     tfidf = TfidfModel.load(run_dir / "model")
     if kind != "torch":
         return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
-                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind), tfidf=tfidf)
-    if precision not in ("fp32", "bf16"):
-        raise LorafitError(f"precision '{precision}': use fp32 or bf16")
+                          device=device, run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind, device=device),
+                          tfidf=tfidf)
+    precision = inference_precision(precision, device)
     if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
         check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
     model = load_trained(cfg.model, label_names, run_dir / "model", merge=merge).to(device)

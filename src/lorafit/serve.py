@@ -2,7 +2,7 @@
 
 Concurrent requests put their texts on one bounded asyncio queue; a single worker task takes up to
 `max_batch_size` texts (waiting at most `max_wait_ms` for more), sorts them by length, runs them in forwards of
-`forward_batch_size` texts in a worker thread (the event loop stays free) and resolves each request's future.
+`batch_size` texts (8 on a CPU) in a worker thread (the event loop stays free) and resolves each request's future.
 Endpoints: POST /v1/classify, POST /predict (the shape of text-embeddings-inference), GET /v1/model, /healthz,
 /readyz, /metrics (Prometheus), / (a page for people) and /docs (OpenAPI). Every 4xx body is JSON
 `{"error": "...", "field": ...}`; see docs/serving.md.
@@ -26,28 +26,12 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' annotations in this module's globals
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import ServeConfig
+
 log = logging.getLogger("lorafit.serve")
 
 PAGE = "serve_page.html"
 UNPROTECTED = {"/healthz", "/readyz", "/"}  # health probes, and the static page, which holds no data and asks for the key
-
-
-class ServeOptions(BaseModel):
-    """What `lorafit serve` takes besides the run directory (the CLI flags mirror these fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: str = Field("auto", description="auto (the fastest the run has: onnx-int8, else onnx, else torch) | "
-                                             "torch | onnx | onnx-int8")
-    max_batch_size: int = Field(64, ge=1, description="Most texts the batcher gathers into one batch.")
-    forward_batch_size: int = Field(8, ge=1, description="Texts per forward pass inside a gathered batch, sorted by "
-                                    "length first: small forwards pad least (docs/serving.md measures it).")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more texts before a forward.")
-    max_queue: int = Field(1024, ge=1, description="Most texts waiting; beyond it requests get 503 with Retry-After.")
-    max_texts: int = Field(256, ge=1, description="Most texts in one request (more: 413).")
-    max_chars: int = Field(20_000, ge=1, description="Most characters in one text (more: 422).")
-    api_key: Optional[str] = Field(None, description="Require this key (Authorization: Bearer KEY or X-API-Key) on "
-                                                     "every endpoint except /healthz and /readyz.")
 
 
 # --- request bodies (validated by hand from raw bytes, so every bad body gets one clear JSON error) -----------
@@ -117,7 +101,7 @@ async def read_body(request, model: type[BaseModel], max_bytes: int) -> BaseMode
         raise ApiError(422, f"{field or 'body'}: {first['msg']}", field) from None
 
 
-def check_texts(texts: list[str], field: str, opts: ServeOptions) -> None:
+def check_texts(texts: list[str], field: str, opts: ServeConfig) -> None:
     if len(texts) > opts.max_texts:
         raise ApiError(413, f"{field}: {len(texts)} texts; at most {opts.max_texts} per request (split the list)", field)
     for i, text in enumerate(texts):
@@ -316,7 +300,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             "test_metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))}}
 
 
-def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, classifier=None):
+def create_app(run_dir: str | Path, options: Optional[ServeConfig] = None, classifier=None):
     """The FastAPI app serving `run_dir`. The model loads and warms up in a thread after start-up (/healthz answers
     at once, /readyz once it is ready); `classifier` (a lorafit.Classifier) skips the loading."""
     from fastapi import FastAPI
@@ -326,11 +310,16 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
 
     from .evaluate import softmax
     from .predict import resolve_backend
+    from .runtime import resolve_device
 
-    opts = options or ServeOptions()
+    opts = options or ServeConfig()
     run_dir = Path(run_dir)
     summary = run_summary(run_dir)
-    backend_name, _ = resolve_backend(run_dir, opts.backend)  # fails here, before listening, if not exported
+    device = resolve_device(opts.device, field="device")
+    backend_name, _ = resolve_backend(run_dir, opts.backend, device)  # fails here, before listening, if not exported
+    # small forwards pad least on a CPU (docs/serving.md); a GPU takes the gathered batch in one forward
+    forward_batch_size = (opts.batch_size if opts.batch_size != "auto"
+                          else 8 if device == "cpu" else opts.max_batch_size)
     labels = summary["labels"]
     max_bytes = opts.max_texts * (opts.max_chars * 4 + 16) + 65_536  # UTF-8 is at most 4 bytes a character
     state: dict[str, Any] = {"classifier": classifier, "ready": False, "error": None}
@@ -339,9 +328,10 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
         if state["classifier"] is None:
             from .predict import load
 
-            state["classifier"] = load(run_dir, backend=opts.backend, batch_size=opts.forward_batch_size)
+            state["classifier"] = load(run_dir, device=device, backend=opts.backend, batch_size=forward_batch_size,
+                                       precision=opts.precision, allow_different_base=opts.allow_different_base)
         clf = state["classifier"]
-        clf.batch_size = opts.forward_batch_size
+        clf.batch_size = forward_batch_size
         clf.decision_function(["warm up", "a longer text to warm up the model with a second, padded row"])
 
     metrics = Metrics(lambda: batcher.depth(), lambda: batcher.texts_per_second())
@@ -448,8 +438,9 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
     async def model_info() -> dict:
         clf = state["classifier"]
         return {**summary, "backend": clf.backend.name if clf is not None else backend_name, "ready": state["ready"],
-                "limits": opts.model_dump(include={"max_batch_size", "forward_batch_size", "max_wait_ms", "max_queue",
-                                                   "max_texts", "max_chars"})}
+                "limits": {"forward_batch_size": forward_batch_size,
+                           **opts.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue", "max_texts",
+                                                      "max_chars"})}}
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict:
@@ -498,4 +489,4 @@ def check_host(host: str, api_key: Optional[str]) -> Optional[str]:
                                  "use the model")
 
 
-__all__ = ["Batcher", "ServeOptions", "create_app"]
+__all__ = ["Batcher", "ServeConfig", "create_app"]

@@ -35,6 +35,7 @@ from .model import (
     prepare_model, save_weights, trainable_state_dict,
 )
 from .rundir import MetricsLog, RunRecord, new_run_dir
+from .runtime import resolve_device, resolve_precision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,41 +56,6 @@ class Run:
 
 
 # --- devices and precision -----------------------------------------------------------------------------
-def cpu_supports_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32. Without them bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LorafitError("train.device: cuda requested but no CUDA GPU is visible; use --device auto or cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LorafitError("train.device: mps requested but Apple MPS is not available; use --device auto or cpu")
-    return device
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device == "cpu":
-            raise LorafitError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        return precision
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"  # MPS autocast covers few ops; fp32 is the safe default there
-
-
 def make_accelerator(cfg: Config, run_dir: Optional[Path] = None):
     """The Accelerator (device, process group, DDP, trackers) and lorafit's resolved precision.
 
