@@ -216,7 +216,7 @@ class TrainConfig(_Section):
     )
     wandb_project: Optional[str] = Field(
         None, description="W&B project of --report-to wandb ('none': WANDB_PROJECT, which wandb itself reads, else "
-        "'lorafit')."
+        "'lorafit'). Accelerate gives the same name to every tracker: MLflow's experiment, TensorBoard's subfolder."
     )
     wandb_entity: Optional[str] = Field(
         None, description="W&B entity (user or team) of --report-to wandb ('none': WANDB_ENTITY, which wandb itself "

@@ -161,8 +161,9 @@ def wandb_mode(env: Mapping[str, str], netrc_path: Optional[Union[str, Path]] = 
 def tracker_init(cfg: Config, run_name: str, run_dir: Path, env: Mapping[str, str],
                  netrc_path: Optional[Union[str, Path]] = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """Accelerate's init_trackers(project_name, init_kwargs=...) arguments. Accelerate passes project_name to
-    wandb.init as project= (and so would override WANDB_PROJECT): train.wandb_project, else WANDB_PROJECT, else
-    'lorafit'. The entity is passed only when set, so wandb reads WANDB_ENTITY itself otherwise."""
+    wandb.init as project= (and so would override WANDB_PROJECT): with W&B among the trackers, train.wandb_project,
+    else WANDB_PROJECT, else 'lorafit'; without it always 'lorafit'. The entity is passed only when set, so wandb
+    reads WANDB_ENTITY itself otherwise."""
     t = cfg.train
     project = "lorafit"
     wandb = {"name": run_name, "dir": str(run_dir)}
