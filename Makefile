@@ -22,7 +22,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lorafit train
 
+# scripts/install-test-services first: Debian's chromium and PostgreSQL, which tests start themselves, when missing.
 test: $(STAMP)
+	scripts/install-test-services
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

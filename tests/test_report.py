@@ -116,3 +116,23 @@ def test_training_accuracy_is_plotted_beside_validation(run_copy, monkeypatch):
     report.write_report(run_copy)
     assert drawn["labels"][:2] == ["training accuracy (log interval)", "validation accuracy"]
     assert drawn["train"] == [r["accuracy"] for r in rows if r["type"] == "train"]
+
+
+def test_html_shows_results_first_and_folds_the_hyperparameters(run_copy):
+    report.write_report(run_copy)
+    page = (run_copy / "report.html").read_text()
+    at = {name: page.index(marker) for name, marker in [
+        ("cards", "<div class='headline'>"), ("first image", "<img"),
+        ("loss curve", "<img alt='Training and validation loss'"),
+        ("confusion matrix", "<img alt='Test confusion matrix, counts'"),
+        ("confused pairs", "<h2>Most confused class pairs</h2>"), ("data", "<h2>Data</h2>"),
+        ("hyperparameters", "<h2>Hyperparameters</h2>"), ("test metrics", "<h2>Test metrics</h2>")]}
+    assert list(at) == sorted(at, key=at.get), at
+    assert at["first image"] == at["loss curve"]
+    folded = re.search(r"<h2>Hyperparameters</h2>\s*<details><summary>[^<]+</summary>(.*?)</details>", page, re.S)
+    assert folded and "<td>learning_rate</td>" in folded.group(1) and "<td>max_length</td>" in folded.group(1)
+    assert page.count("<details>") == 1  # only the hyperparameters are folded
+    assert "<script" not in page.lower()
+    md = (run_copy / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", md, re.M)
+    assert headings.index("Learning curves") < headings.index("Most confused class pairs") < headings.index("Data")

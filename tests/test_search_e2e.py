@@ -2,9 +2,11 @@
 PostgreSQL study, and a worker killed with SIGKILL leaves a failed trial that does not stop the study.
 
 The PostgreSQL server is started by this module (initdb into a temporary directory, pg_ctl on a free port of
-127.0.0.1); without PostgreSQL installed the test fails: .ci/run installs it."""
+127.0.0.1): LORAFIT_PG_BIN's, else the newest Debian one under /usr/lib/postgresql. Without PostgreSQL installed the
+test fails: `make test` installs it first (scripts/install-test-services)."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,7 +25,18 @@ from conftest import tiny_config
 from lorafit.config import Config
 from lorafit.search import open_storage
 
-PG_BIN = Path(os.environ.get("LORAFIT_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """LORAFIT_PG_BIN, else the bin folder of the newest PostgreSQL Debian installed (/usr/lib/postgresql/<v>/bin;
+    Debian keeps each major version apart and puts none of them on PATH)."""
+    if os.environ.get("LORAFIT_PG_BIN"):
+        return Path(os.environ["LORAFIT_PG_BIN"])
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
+    found.sort(key=lambda b: tuple(int(n) for n in re.findall(r"\d+", b.parent.name)))
+    return found[-1] if found else Path("/usr/lib/postgresql/VERSION/bin")
+
+
+PG_BIN = _pg_bin()
 SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
          "lora_r": {"type": "categorical", "choices": [2, 4]}}
 
@@ -125,7 +138,8 @@ def _free_port() -> int:
 def postgres_url():
     """A throwaway PostgreSQL server on 127.0.0.1 for the session (as root, run as the postgres user)."""
     initdb = PG_BIN / "initdb"
-    assert initdb.is_file(), f"PostgreSQL is not installed ({initdb} missing): apt-get install postgresql-15"
+    assert initdb.is_file(), (f"PostgreSQL is not installed ({initdb} missing): run scripts/install-test-services "
+                              "(make test does), or set LORAFIT_PG_BIN to its bin folder")
     as_root = os.geteuid() == 0
     run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
     data = Path(tempfile.mkdtemp(prefix="lorafit-pg-"))

@@ -1,6 +1,6 @@
 """`lorafit serve` as a real process on a free loopback port: SIGTERM drains in-flight requests and exits 0, the
 API key from LORAFIT_API_KEY, and the page at / driven in Debian's chromium through Playwright (fails, never
-skips, when chromium is missing: .ci/run installs it)."""
+skips, when chromium is missing: `make test` installs it first, scripts/install-test-services)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import lorafit
 
 from conftest import SAMPLE_TEXTS
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("LORAFIT_CHROMIUM", "/usr/bin/chromium")  # the one scripts/install-test-services checks
 
 
 def free_port() -> int:
@@ -71,7 +71,7 @@ def server(tiny_run):
 def test_page_in_chromium(server, tiny_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)"
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: run scripts/install-test-services (make test does)"
     _, url = server
     text = SAMPLE_TEXTS[1]
     clf = lorafit.load(tiny_run, backend="torch")

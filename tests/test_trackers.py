@@ -1,5 +1,5 @@
 """train.report_to: the metrics reach TensorBoard and MLflow (read back from their files); a missing tracker
-package is one clear line before any work."""
+package is one clear line before any work; W&B's mode (online with credentials, else offline), project and entity."""
 
 import importlib
 
@@ -50,3 +50,69 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(tiny_model_dir, t
         train_module.train(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+# --- W&B: online with credentials, offline without; project and entity (no wandb run is made) -------------
+@pytest.mark.parametrize("env, netrc_text, mode", [
+    ({"WANDB_API_KEY": "k" * 40}, None, "online"),
+    ({}, "machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n", "online"),  # what `wandb login` writes
+    ({}, "machine example.org login user password secret\n", "offline"),  # another host's entry
+    ({}, None, "offline"),
+    ({"WANDB_BASE_URL": "http://wandb.local:8080"}, "machine wandb.local login user password secret\n", "online"),
+    ({"WANDB_BASE_URL": "http://wandb.local:8080"}, "machine api.wandb.ai login user password secret\n", "offline"),
+    ({"WANDB_MODE": "offline", "WANDB_API_KEY": "k" * 40}, None, "offline"),  # WANDB_MODE wins
+    ({"WANDB_MODE": "disabled"}, "machine api.wandb.ai login user password secret\n", "disabled"),
+    ({}, "machine api.wandb.ai login\n", "offline"),  # an entry without a password
+    ({}, "machine api.wandb.ai login user password secret\nbogus\n", "offline"),  # a file netrc cannot parse
+])
+def test_wandb_mode(tmp_path, env, netrc_text, mode):
+    from lorafit.train import wandb_mode
+
+    netrc = tmp_path / "netrc"
+    if netrc_text is not None:
+        netrc.write_text(netrc_text)
+    assert wandb_mode(env, netrc) == mode
+
+
+def test_wandb_mode_reads_netrc_from_NETRC_then_home(tmp_path):
+    from lorafit.train import wandb_mode
+
+    (tmp_path / "a").write_text("machine api.wandb.ai login user password secret\n")
+    assert wandb_mode({"NETRC": str(tmp_path / "a"), "HOME": str(tmp_path / "nowhere")}) == "online"
+    assert wandb_mode({"HOME": str(tmp_path / "nowhere")}) == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password secret\n")
+    assert wandb_mode({"HOME": str(tmp_path)}) == "online"
+
+
+def test_wandb_project_and_entity_reach_init_trackers(tiny_model_dir, tmp_path, monkeypatch):
+    """Through a real train() up to Accelerate's init_trackers, which records its arguments and stops the run."""
+    from accelerate import Accelerator
+
+    from lorafit.train import train
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def init_trackers(self, project_name, config=None, init_kwargs=None):
+        seen.append((project_name, init_kwargs))
+        raise Stop
+
+    monkeypatch.setattr(Accelerator, "init_trackers", init_trackers)
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    base = dict(max_train_samples=64, max_eval_samples=40, num_threads=1, report_to=["wandb"])
+    with pytest.raises(Stop):
+        train(tiny_config(tiny_model_dir("bert"), tmp_path / "a", wandb_project="ag-news", wandb_entity="team",
+                          **base))
+    project, init = seen[-1]
+    assert project == "ag-news"
+    assert init["wandb"]["entity"] == "team" and init["wandb"]["mode"] == "offline"
+
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")  # unset field: wandb's own variable, not Accelerate's default
+    with pytest.raises(Stop):
+        train(tiny_config(tiny_model_dir("bert"), tmp_path / "b", **base))
+    project, init = seen[-1]
+    assert project == "from-env" and "entity" not in init["wandb"]

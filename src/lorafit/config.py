@@ -211,7 +211,16 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
         ["none"], description="Experiment trackers that also receive the metrics (through Accelerate): TensorBoard "
-        "under <run>/tensorboard, W&B (offline without an API key), MLflow (where MLFLOW_TRACKING_URI points)."
+        "under <run>/tensorboard, W&B (online after `wandb login` or with WANDB_API_KEY, else offline under "
+        "<run>/wandb; WANDB_MODE wins), MLflow (where MLFLOW_TRACKING_URI points)."
+    )
+    wandb_project: Optional[str] = Field(
+        None, description="W&B project of --report-to wandb ('none': WANDB_PROJECT, which wandb itself reads, else "
+        "'lorafit'). Accelerate gives the same name to every tracker: MLflow's experiment, TensorBoard's subfolder."
+    )
+    wandb_entity: Optional[str] = Field(
+        None, description="W&B entity (user or team) of --report-to wandb ('none': WANDB_ENTITY, which wandb itself "
+        "reads, else your default entity)."
     )
 
 

@@ -214,6 +214,15 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
+class Figures(list):
+    """A section's content that is plots: [(file name, caption)]."""
+
+
+CONFUSION_PLOTS = ("confusion_counts.png", "confusion_normalised.png")
+DATA_PLOTS = ("class_distribution.png", "token_lengths.png")
+FOLDED = ("Hyperparameters",)  # sections the HTML report shows folded (<details>): long, and rarely read first
+
+
 def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], problems: list[str]) -> list[tuple[str, Any]]:
     """The report as (heading, content) pairs; content is a table (list of rows) or text."""
     cfg, info, data, test = view.config, view.info, view.data, view.test
@@ -272,22 +281,28 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         [name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
         for name, v in test.get("per_class", {}).items()]
     pair_rows = [["true", "predicted", "count"]] + [[p["true"], p["predicted"], str(p["count"])] for p in pairs]
-    sections: list[tuple[str, Any]] = [
-        ("Summary", summary), ("Data", data_rows), ("Model and method", model_rows), ("Hyperparameters", hyper),
-        ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows), ("Per-class test metrics", per_class),
-        ("Plots", plots), ("Most confused class pairs", pair_rows),
-    ]
-    if tfidf:
-        sections.insert(1, ("TF-IDF blend: the encoder alone and blended", tfidf_rows(tfidf)))
+    # What a reader looks for first: the headline numbers, then how training went and where the model errs; the
+    # settings that produced them come last, the long hyperparameter table folded away (FOLDED)
+    sections: list[tuple[str, Any]] = [("Summary", summary)]
     distilled = distillation_rows(view)
     if distilled:
-        sections.insert(1, ("Distillation: teacher vs student", distilled))
+        sections.append(("Distillation: teacher vs student", distilled))
+    if tfidf:
+        sections.append(("TF-IDF blend: the encoder alone and blended", tfidf_rows(tfidf)))
+    if problems:
+        sections.append(("Warnings", "\n".join(problems)))
+    sections += [("Learning curves", Figures((n, c) for n, c in plots if n not in CONFUSION_PLOTS + DATA_PLOTS)),
+                 ("Test confusion matrix", Figures((n, c) for n, c in plots if n in CONFUSION_PLOTS)),
+                 ("Most confused class pairs", pair_rows)]
     for p in pairs:
         rows = [["probability", "text", "row"]] + [[f"{e['prob']:.3f}", e["text"], e["row"]] for e in p["examples"]]
         sections.append((f"{p['true']} predicted as {p['predicted']}: the most confident mistakes", rows))
-    if problems:
-        sections.append(("Warnings", "\n".join(problems)))
-    return sections
+    sections += [("Data", data_rows), ("Class distribution and token lengths", Figures((n, c) for n, c in plots
+                                                                                       if n in DATA_PLOTS)),
+                 ("Model and method", model_rows), ("Hyperparameters", hyper),
+                 ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows),
+                 ("Per-class test metrics", per_class)]
+    return [(heading, content) for heading, content in sections if not isinstance(content, Figures) or content]
 
 
 def tfidf_rows(tfidf: dict[str, Any]) -> list[list[str]]:
@@ -334,7 +349,7 @@ def _markdown(title: str, sections) -> str:
     lines = [f"# {title}", ""]
     for heading, content in sections:
         lines += [f"## {heading}", ""]
-        if heading == "Plots":
+        if isinstance(content, Figures):
             lines += [f"![{caption}]({PLOTS_DIR}/{name})\n\n*{caption}*\n" for name, caption in content]
         elif isinstance(content, str):
             lines += [f"- {line}" for line in content.splitlines()] + [""]
@@ -369,7 +384,9 @@ def _html(title: str, sections, plots_dir: Path) -> str:
                 f"<div class='card'>{e(k)}<b>{e(v)}</b></div>" for k, v in content) + "</div>")
             continue
         out.append(f"<h2>{e(heading)}</h2>")
-        if heading == "Plots":
+        if heading in FOLDED:  # a plain <details>: folded without any script
+            out.append(f"<details><summary>show all {len(content)}</summary>")
+        if isinstance(content, Figures):
             figs = []
             for name, caption in content:
                 data = base64.b64encode((plots_dir / name).read_bytes()).decode("ascii")
@@ -388,6 +405,8 @@ def _html(title: str, sections, plots_dir: Path) -> str:
                 cells = "".join(f"<td{' class=text' if len(str(c)) > 80 else ''}>{e(str(c))}</td>" for c in row)
                 table.append(f"<tr>{cells}</tr>")
             out.append("".join(table) + "</table>")
+        if heading in FOLDED:
+            out.append("</details>")
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -451,7 +470,8 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             plots.append((name, ylabel.capitalize() + " of each run"))
         except Exception as exc:  # noqa: BLE001
             problems.append(f"plot {name} could not be drawn: {type(exc).__name__}: {exc}")
-    sections = [("Runs", [header, *rows]), ("Plots", plots)] + ([("Warnings", "\n".join(problems))] if problems else [])
+    sections = [("Runs", [header, *rows]), ("Plots", Figures(plots))]
+    sections += [("Warnings", "\n".join(problems))] if problems else []
     title = f"lorafit comparison of {len(views)} runs"
     md = _markdown(title, sections).replace(f"]({PLOTS_DIR}/", "](")
     atomic_write_text(out / "compare.md", md)

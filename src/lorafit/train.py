@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -100,6 +100,47 @@ def trackers_of(cfg: Config) -> list[str]:
     return chosen
 
 
+WANDB_HOST = "https://api.wandb.ai"
+
+
+def wandb_mode(env: Mapping[str, str], netrc_path: Optional[Union[str, Path]] = None) -> str:
+    """W&B's mode for --report-to wandb: WANDB_MODE when set; else 'online' when credentials exist (WANDB_API_KEY,
+    or a netrc entry for the W&B host, WANDB_BASE_URL's or api.wandb.ai, which is where `wandb login` stores the
+    key); else 'offline' (logs under <run>/wandb, `wandb sync` later). netrc_path: default NETRC, else ~/.netrc."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(env.get("WANDB_BASE_URL") or WANDB_HOST).hostname  # wandb login keys its entry by host alone
+    if netrc_path is None:
+        netrc_path = env.get("NETRC") or Path(env.get("HOME") or Path.home()) / ".netrc"
+    try:
+        entry = netrc.netrc(str(netrc_path)).authenticators(host) if host else None
+    except (OSError, netrc.NetrcParseError):  # no file, unreadable or malformed: no credentials to go online with
+        entry = None
+    return "online" if entry and entry[2] else "offline"
+
+
+def tracker_init(cfg: Config, run_name: str, run_dir: Path, env: Mapping[str, str],
+                 netrc_path: Optional[Union[str, Path]] = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Accelerate's init_trackers(project_name, init_kwargs=...) arguments. Accelerate passes project_name to
+    wandb.init as project= (and so would override WANDB_PROJECT): with W&B among the trackers, train.wandb_project,
+    else WANDB_PROJECT, else 'lorafit'; without it always 'lorafit'. The entity is passed only when set, so wandb
+    reads WANDB_ENTITY itself otherwise."""
+    t = cfg.train
+    project = "lorafit"
+    wandb = {"name": run_name, "dir": str(run_dir)}
+    if "wandb" in t.report_to:
+        project = t.wandb_project or env.get("WANDB_PROJECT") or project
+        wandb["mode"] = wandb_mode(env, netrc_path)
+        if t.wandb_entity:
+            wandb["entity"] = t.wandb_entity
+    return project, {"wandb": wandb, "mlflow": {"run_name": run_name}}
+
+
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The resolved config as section.name -> scalar, as trackers' hyperparameter tables take it."""
     out = {}
@@ -176,7 +217,7 @@ def encode_splits(bundle: DataBundle, tokenizer, cfg: Config) -> dict[str, Encod
 # Options that may change when resuming: they do not alter the data, the model or the optimizer.
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "time_budget_minutes", "eval_every", "log_every", "checkpoint_every",
                        "keep_checkpoints", "early_stopping_patience", "num_threads", "device", "eval_batch_size",
-                       "report_to"}
+                       "report_to", "wandb_project", "wandb_entity"}
 
 
 def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, callbacks: Sequence[Any] = (),
@@ -360,10 +401,8 @@ class TrainingRecipe:
         self.accelerator, _ = make_accelerator(cfg, self.run_dir)
         acc = self.accelerator
         if self.accelerator.log_with:
-            init = {"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}, "mlflow": {"run_name": self.run_dir.name}}
-            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-                init["wandb"]["mode"] = "offline"  # no account configured: log to <run>/wandb, sync later
-            self.accelerator.init_trackers("lorafit", config=flat_config(cfg), init_kwargs=init)
+            project, init = tracker_init(cfg, self.run_dir.name, self.run_dir, os.environ)
+            self.accelerator.init_trackers(project, config=flat_config(cfg), init_kwargs=init)
             self._cleanup.callback(self.accelerator.end_training)
 
         train_enc = self.encoded["train"]
