@@ -120,7 +120,7 @@ def test_evaluate_matches_training_metrics(tiny_run, labelled, tmp_path):
     texts, labels = labelled
     src = tmp_path / "test.jsonl"
     pd.DataFrame({"text": texts, "label": labels}).to_json(src, orient="records", lines=True)
-    res = invoke("evaluate", tiny_run, "--data", src, "--json", "--backend", "torch")
+    res = invoke("evaluate", tiny_run, "-i", src, "-o", tmp_path / "eval", "--json", "--backend", "torch")
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
     trained = json.loads((tiny_run / "test_metrics.json").read_text())
@@ -128,15 +128,36 @@ def test_evaluate_matches_training_metrics(tiny_run, labelled, tmp_path):
     assert metrics["accuracy"] == pytest.approx(trained["accuracy"])
     assert metrics["f1_macro"] == pytest.approx(trained["f1_macro"])
     assert metrics["confusion_matrix"] == trained["confusion_matrix"]
-    res = invoke("evaluate", tiny_run, "--data", src, "--backend", "torch")
+    res = invoke("evaluate", tiny_run, "--data", src, "-o", tmp_path / "eval2", "--backend", "torch")  # older flag
     assert res.exit_code == 0 and "accuracy" in res.stdout
+
+
+def test_evaluate_writes_the_reports_metrics_plots_and_errors(run_copy, labelled, tmp_path):
+    """An evaluation directory, by default inside the run: what the run report shows for test, for any file."""
+    texts, labels = labelled
+    src = tmp_path / "news.test.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(src, index=False)
+    res = invoke("evaluate", run_copy, "-i", src, "--backend", "torch")
+    assert res.exit_code == 0, res.output
+    out = run_copy / "evaluations" / "news"
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((run_copy / "test_metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(trained["accuracy"]) and metrics["data"] == str(src)
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions["text"]) == texts and len(predictions) == len(texts)
+    assert (predictions["label"] != predictions["predicted"]).sum() == sum(
+        trained["confusion_matrix"][i][j] for i in range(4) for j in range(4) if i != j)
+    assert {p.name for p in (out / "plots").iterdir()} == {"confusion_counts.png", "confusion_normalised.png"}
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Most confused class pairs" in page and "Per-class metrics" in page
+    assert page.index("Confusion matrix") < page.index("Most confused class pairs") < page.index("Per-class metrics")
 
 
 def test_merge_cls_loads_with_auto_class(tiny_run, labelled, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "merged"
-    res = invoke("merge", tiny_run, "--out", out)
+    res = invoke("merge", tiny_run, "-o", out)
     assert res.exit_code == 0 and "AutoModelForSequenceClassification" in res.output
     texts = labelled[0]
     tok = AutoTokenizer.from_pretrained(out)

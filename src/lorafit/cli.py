@@ -542,7 +542,8 @@ def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
 @with_signature([
     run_argument(),
     input_option("Labelled file (csv, tsv, jsonl, json, parquet; pkl with --allow-pickle).", required=False),
-    output_option("Also write the metrics as JSON to this file.", required=False),
+    output_option("Evaluation directory to write: metrics.json, predictions.csv, plots/, report.md, report.html. "
+                  "[default: RUN/evaluations/<input name>]", required=False, metavar="DIR"),
     *read_options((*READ_FIELDS[:2], "label_column", READ_FIELDS[2])),
     keyword("as_json", bool, typer.Option(False, "--json", help="Print the metrics as JSON.")),
     *inference_options(),
@@ -556,8 +557,9 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
 
     from .data import labels_from
     from .evaluate import compute_metrics
-    from .fileio import atomic_write_json
     from .predict import input_texts, read_inputs
+    from .report import write_evaluation
+    from .rundir import evaluation_dir
 
     input = input or data
     if input is None:
@@ -571,12 +573,14 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
         data_cfg = data_cfg.model_copy(update={"label_column": read.label_column})
     names = [str(n) for n in clf.classes_]
     labels, _ = labels_from(df, data_cfg, str(input), names, fixed=True)
-    metrics = {"data": str(input), "backend": clf.backend.name,
-               **compute_metrics(labels, clf.decision_function(texts), names)}
-    if output:
-        atomic_write_json(output, metrics)
+    logits = clf.decision_function(texts)
+    metrics = {"data": str(input), "backend": clf.backend.name, **compute_metrics(labels, logits, names)}
+    out_dir = output or evaluation_dir(clf.run_dir, input)
+    report = write_evaluation(clf.run_dir, out_dir, str(input), range(len(texts)), texts, labels, logits,
+                              {k: v for k, v in metrics.items() if k not in ("data", "backend")}, clf.backend.name)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        err.print(f"wrote {out_dir} ({report.name}: metrics, confusion matrix, mistakes)", highlight=False)
         return
     out = Console(highlight=False)
     out.print(f"[bold]{escape(str(input))}[/]: {metrics['n']} texts, accuracy {metrics['accuracy']:.4f}, macro F1 "
@@ -586,6 +590,8 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
         table.add_row(escape(name), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
                       str(row["support"]))
     out.print(table)
+    out.print(f"wrote {escape(str(out_dir))}: metrics.json, predictions.csv, plots/, report.md, {report.name}",
+              soft_wrap=True)
 
 
 # --- merge, export, push ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .fileio import atomic_write_bytes, atomic_write_text
-from .rundir import read_labels, read_metrics, read_run
+from .rundir import PREDICTIONS, read_labels, read_metrics, read_predictions, read_run, write_predictions
 
 PLOTS_DIR = "plots"
 
@@ -27,13 +27,15 @@ PLOTS_DIR = "plots"
 class RunView:
     """What the report needs from a run directory, read once."""
 
+    split = "Test"  # whose confusion matrix and mistakes the report shows
+
     def __init__(self, run_dir: str | Path, require_completed: bool = True):
         self.path, self.config, self.info = read_run(run_dir, require_completed=require_completed)
         self.labels = read_labels(self.path)
         self.metrics = read_metrics(self.path)
         self.data = _read_json(self.path / "data.json")
         self.test = _read_json(self.path / "test_metrics.json")
-        self.predictions = _read_predictions(self.path / "test_predictions.csv", self.labels)
+        self.predictions = read_predictions(self.path / PREDICTIONS, self.labels)
 
     @property
     def train_rows(self) -> list[dict]:
@@ -50,18 +52,6 @@ class RunView:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _read_predictions(path: Path, labels: list[str]) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            probs = {n: float(r[f"prob_{n}"]) for n in labels}
-            rows.append({"row": r["row"], "text": r["text"], "label": r["label"], "predicted": r["predicted"],
-                         "prob": probs[r["predicted"]], "probs": probs})
-    return rows
 
 
 # --- error analysis ----------------------------------------------------------------------------------------
@@ -139,7 +129,7 @@ def plot_confusion(view: RunView, ax, normalise: bool) -> None:
             ax.text(j, i, text, ha="center", va="center",
                     color="white" if shown[i, j] > shown.max() * 0.6 else "black")
     ax.set(xlabel="predicted", ylabel="true",
-           title="Test confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
+           title=f"{view.split} confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
 
 
 def plot_classes(view: RunView, ax) -> None:
@@ -223,6 +213,28 @@ DATA_PLOTS = ("class_distribution.png", "token_lengths.png")
 FOLDED = ("Hyperparameters",)  # sections the HTML report shows folded (<details>): long, and rarely read first
 
 
+def metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [["accuracy", _fmt(metrics.get("accuracy"))], ["loss", _fmt(metrics.get("loss"))]] + [
+        [f"{kind} {avg}", _fmt(metrics.get(f"{kind}_{avg}"))] for avg in ("macro", "weighted")
+        for kind in ("precision", "recall", "f1")]
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [["class", "precision", "recall", "F1", "support"]] + [
+        [name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
+        for name, v in metrics.get("per_class", {}).items()]
+
+
+def error_sections(pairs: list[dict]) -> list[tuple[str, Any]]:
+    """The most confused class pairs, then each pair's most confident mistakes."""
+    sections: list[tuple[str, Any]] = [("Most confused class pairs", [["true", "predicted", "count"]] +
+                                        [[p["true"], p["predicted"], str(p["count"])] for p in pairs])]
+    for p in pairs:
+        rows = [["probability", "text", "row"]] + [[f"{e['prob']:.3f}", e["text"], e["row"]] for e in p["examples"]]
+        sections.append((f"{p['true']} predicted as {p['predicted']}: the most confident mistakes", rows))
+    return sections
+
+
 def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], problems: list[str]) -> list[tuple[str, Any]]:
     """The report as (heading, content) pairs; content is a table (list of rows) or text."""
     cfg, info, data, test = view.config, view.info, view.data, view.test
@@ -274,13 +286,6 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         ["frozen-prefix cache", "off" if info.get("prefix_cache_from_layer") is None else
          f"layers below {info.get('prefix_cache_from_layer')} computed once ({_fmt(info.get('prefix_cache_s'))} s)"],
     ]
-    metric_rows = [["accuracy", _fmt(test.get("accuracy"))], ["loss", _fmt(test.get("loss"))]] + [
-        [f"{kind} {avg}", _fmt(test.get(f"{kind}_{avg}"))] for avg in ("macro", "weighted")
-        for kind in ("precision", "recall", "f1")]
-    per_class = [["class", "precision", "recall", "F1", "support"]] + [
-        [name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), _fmt(v["support"])]
-        for name, v in test.get("per_class", {}).items()]
-    pair_rows = [["true", "predicted", "count"]] + [[p["true"], p["predicted"], str(p["count"])] for p in pairs]
     # What a reader looks for first: the headline numbers, then how training went and where the model errs; the
     # settings that produced them come last, the long hyperparameter table folded away (FOLDED)
     sections: list[tuple[str, Any]] = [("Summary", summary)]
@@ -293,15 +298,12 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
         sections.append(("Warnings", "\n".join(problems)))
     sections += [("Learning curves", Figures((n, c) for n, c in plots if n not in CONFUSION_PLOTS + DATA_PLOTS)),
                  ("Test confusion matrix", Figures((n, c) for n, c in plots if n in CONFUSION_PLOTS)),
-                 ("Most confused class pairs", pair_rows)]
-    for p in pairs:
-        rows = [["probability", "text", "row"]] + [[f"{e['prob']:.3f}", e["text"], e["row"]] for e in p["examples"]]
-        sections.append((f"{p['true']} predicted as {p['predicted']}: the most confident mistakes", rows))
+                 *error_sections(pairs)]
     sections += [("Data", data_rows), ("Class distribution and token lengths", Figures((n, c) for n, c in plots
                                                                                        if n in DATA_PLOTS)),
                  ("Model and method", model_rows), ("Hyperparameters", hyper),
-                 ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows),
-                 ("Per-class test metrics", per_class)]
+                 ("Hardware, time and throughput", run_rows), ("Test metrics", metric_rows(test)),
+                 ("Per-class test metrics", per_class_rows(test))]
     return [(heading, content) for heading, content in sections if not isinstance(content, Figures) or content]
 
 
@@ -434,6 +436,57 @@ def write_report(run_dir: str | Path, require_completed: bool = True) -> Path:
     atomic_write_text(view.path / "report.md", _markdown(title, sections))
     atomic_write_text(view.path / "report.html", _html(title, sections, plots_dir))
     return view.path / "report.html"
+
+
+# --- an evaluation on another labelled file ------------------------------------------------------------------
+class EvaluationView:
+    """What the plots and error tables read (as RunView gives them), for `lorafit evaluate` on a labelled file."""
+
+    def __init__(self, out_dir: Path, source: str, labels: list[str], metrics: dict[str, Any]):
+        self.path, self.labels, self.test, self.split = out_dir, labels, metrics, Path(source).name
+        self.predictions = read_predictions(out_dir / "predictions.csv", labels)
+
+
+EVALUATION_PLOTS = {name: PLOTS[name] for name in CONFUSION_PLOTS}
+
+
+def write_evaluation(run_dir: str | Path, out_dir: str | Path, source: str, rows, texts: list[str], labels,
+                     logits, metrics: dict[str, Any], backend: str) -> Path:
+    """An evaluation directory for a labelled file, with the run report's metrics, confusion matrices, confused
+    pairs, most confident mistakes and per-class table: metrics.json, predictions.csv, plots/, report.md,
+    report.html. Returns report.html."""
+    from .evaluate import softmax
+    from .fileio import atomic_write_json
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    names = read_labels(run_dir)
+    (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", {"run": str(run_dir), "data": source, "backend": backend, **metrics})
+    write_predictions(out / "predictions.csv", rows, texts, labels, softmax(logits), names)
+    view = EvaluationView(out, source, names, metrics)
+    plots, problems = [], []
+    for filename, (caption, draw) in EVALUATION_PLOTS.items():
+        try:
+            fig, ax = _figure()
+            draw(view, ax)
+            atomic_write_bytes(out / PLOTS_DIR / filename, _png(fig))
+            plots.append((filename, caption.replace("Test", view.split)))
+        except Exception as exc:  # noqa: BLE001 - a plot that fails is a warning, as in the run report
+            problems.append(f"plot {filename} could not be drawn: {type(exc).__name__}: {exc}")
+    pairs = confused_pairs(view)
+    summary = [["accuracy", _fmt(metrics.get("accuracy"))], ["macro F1", _fmt(metrics.get("f1_macro"))],
+               ["loss", _fmt(metrics.get("loss"))], ["texts", _fmt(metrics.get("n"))]]
+    sections: list[tuple[str, Any]] = [("Summary", summary)]
+    if problems:
+        sections.append(("Warnings", "\n".join(problems)))
+    sections += [("Confusion matrix", Figures(plots)), *error_sections(pairs)]
+    sections += [("Metrics", metric_rows(metrics)), ("Per-class metrics", per_class_rows(metrics)),
+                 ("Run and backend", [["run", str(run_dir)], ["data", source], ["backend", backend]])]
+    sections = [(h, c) for h, c in sections if not isinstance(c, Figures) or c]
+    title = f"lorafit evaluation of {run_dir.name} on {view.split}"
+    atomic_write_text(out / "report.md", _markdown(title, sections))
+    atomic_write_text(out / "report.html", _html(title, sections, out / PLOTS_DIR))
+    return out / "report.html"
 
 
 # --- comparing runs ----------------------------------------------------------------------------------------

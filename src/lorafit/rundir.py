@@ -17,10 +17,14 @@ serve read it. Layout version 1 (documented in docs/run-directory.md):
     checkpoints/        resumable checkpoints (lorafit.checkpoint), written while training
     export/             written by `lorafit export` (lorafit.export): model.onnx (input_ids + attention_mask ->
                         logits), model.int8.onnx with --int8, export.json (files, opset, agreement with torch)
+    evaluations/NAME/   written by `lorafit evaluate RUN -i NAME.csv` (the default -o): metrics.json,
+                        predictions.csv (as test_predictions.csv), plots/, report.md, report.html
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import platform
 import re
@@ -31,9 +35,11 @@ from typing import Any
 
 from .config import Config
 from .errors import LorafitError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, atomic_write_text
 
 LAYOUT_VERSION = 1
+PREDICTIONS = "test_predictions.csv"
+EVALUATIONS_DIR = "evaluations"
 STATUSES = ("running", "interrupted", "failed", "completed")
 
 
@@ -159,3 +165,33 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+# --- predictions: per example, row, text, true and predicted label, probability of each class ----------------
+def write_predictions(path: Path, rows, texts, labels, probs, names: list[str]) -> None:
+    """test_predictions.csv (and an evaluation's predictions.csv): `labels` are class ids, `probs` (n, classes)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["row", "text", "label", "predicted"] + [f"prob_{n}" for n in names])
+    for row, text, label, p in zip(rows, texts, labels, probs):
+        writer.writerow([int(row), text, names[int(label)], names[int(p.argmax())]] + [f"{x:.6f}" for x in p])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_predictions(path: Path, names: list[str]) -> list[dict[str, Any]]:
+    """The rows of a predictions file ([] when there is none): text, label, predicted, its probability, all."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            probs = {n: float(r[f"prob_{n}"]) for n in names}
+            rows.append({"row": r["row"], "text": r["text"], "label": r["label"], "predicted": r["predicted"],
+                         "prob": probs[r["predicted"]], "probs": probs})
+    return rows
+
+
+def evaluation_dir(run_dir: Path, source: Path) -> Path:
+    """Where `lorafit evaluate RUN -i FILE` writes by default: RUN/evaluations/<FILE's name without suffixes>."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name.split(".")[0]) or "evaluation"
+    return Path(run_dir) / EVALUATIONS_DIR / name

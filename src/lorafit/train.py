@@ -7,8 +7,6 @@ train ...`); the loop itself is plain PyTorch so a reader sees every step.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -34,7 +32,7 @@ from .model import (
     backbone_identity, check_backbone, check_quantization, is_head_parameter, load_tokenizer, load_trainable_state_dict,
     prepare_model, save_weights, trainable_state_dict,
 )
-from .rundir import MetricsLog, RunRecord, new_run_dir
+from .rundir import PREDICTIONS, MetricsLog, RunRecord, new_run_dir, write_predictions
 from .runtime import resolve_device, resolve_precision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -818,7 +816,8 @@ class TrainingRecipe:
             save_weights(self.unwrapped, self.cfg.model, self.run_dir / "model", tfidf=self.tfidf)
             if evaluate_test:
                 atomic_write_json(self.run_dir / "test_metrics.json", test_metrics)
-                _write_test_predictions(self.run_dir / "test_predictions.csv", self.bundle, self.last_logits["test"])
+                write_predictions(self.run_dir / PREDICTIONS, self.bundle.test.source_rows, self.bundle.test.texts,
+                                  self.bundle.test.labels, softmax(self.last_logits["test"]), self.bundle.label_names)
             if self.tfidf is not None:
                 self.record.update(tfidf=self.tfidf_info)
             self.record.update(status="completed", finished_at=_now(), **info)
@@ -1037,18 +1036,6 @@ def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
-
-
-def _write_test_predictions(path: Path, bundle: DataBundle, logits: np.ndarray) -> None:
-    probs = softmax(logits)
-    names = bundle.label_names
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["row", "text", "label", "predicted"] + [f"prob_{n}" for n in names])
-    for i, text in enumerate(bundle.test.texts):
-        writer.writerow([int(bundle.test.source_rows[i]), text, names[bundle.test.labels[i]], names[int(probs[i].argmax())]]
-                        + [f"{p:.6f}" for p in probs[i]])
-    atomic_write_text(path, buf.getvalue())
 
 
 def _report_if_available(run_dir: Path, console) -> None:
