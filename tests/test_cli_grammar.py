@@ -114,3 +114,35 @@ def test_a_config_beside_resume_is_refused_in_one_line(tmp_path):
 def test_a_bad_flag_value_names_the_flag():
     result = CliRunner().invoke(app, ["classify", "runs/x", "text", "--device", "tpu"])
     assert result.exit_code == 2 and result.output.startswith("error: --device tpu: Input should be")
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_the_training_progress_line_fits_the_terminal_and_a_wider_one_shows_more(width):
+    from rich.console import Console
+
+    from lorafit.train import _progress, progress_info
+
+    console = Console(width=width, force_terminal=True)
+    progress = _progress(console, main=True)
+    progress.add_task("train", total=12_000, completed=11_999, epoch="10/10",
+                      info=progress_info(width, 1.23456, 1.23e-4, 12345.6))
+    lines = console.render_lines(progress.get_renderable(), console.options, pad=False)
+    text = ["".join(segment.text for segment in line).rstrip() for line in lines]
+    assert len(text) == 1 and len(text[0]) <= width and "…" not in text[0], text
+    assert "loss 1.23" in text[0] and "12346/s" in text[0] or "12345.6 samples/s" in text[0]
+    if width >= 110:
+        assert "samples/s" in text[0] and "0:00:" in text[0].split("11999/12000")[1]
+
+
+def test_the_training_header_fits_80_columns(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    import lorafit
+    from conftest import tiny_config
+
+    console = Console(width=80, record=True)
+    lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path, epochs=1, max_train_samples=64), console=console)
+    printed = [line for line in console.export_text().splitlines() if not line.startswith("train epoch")]
+    assert printed[0].startswith("lorafit lora on ") and "trainable" in printed[1]
+    too_wide = [line for line in printed if len(line) > 80 and "/" not in line]  # a long path may wrap, nothing else
+    assert not too_wide, too_wide

@@ -544,16 +544,19 @@ class TrainingRecipe:
             return
         cfg, info, enc = self.cfg, self.model_info, self.encoded
         frozen = self._frozen_mode()
-        self.console.print(
-            f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}: trainable {info.trainable:,} / total "
-            f"{info.total:,} ({info.percent:.2f}%), budget "
-            f"{'none' if cfg.model.param_budget is None else f'{cfg.model.param_budget:,}'}; "
-            f"device {self.accelerator.device}"
-            + (f" x {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1 else "")
-            + f", precision {self.precision}" + (f" (frozen weights {frozen})" if frozen == "int8" else "") + "; "
-            f"train/validation/test {len(enc['train'])}/{len(enc['validation'])}/{len(enc['test'])}"
-            + (f"; resuming from {self._resume_from.name}" if self._resume_from is not None else "")
-        )
+        # short lines, one fact each, so that an 80-column terminal shows them without wrapping
+        budget = "none" if cfg.model.param_budget is None else f"{cfg.model.param_budget:,}"
+        processes = f" x {self.accelerator.num_processes}" if self.accelerator.num_processes > 1 else ""
+        lines = [
+            f"[bold]lorafit[/] {cfg.model.method} on {cfg.model.model}",
+            f"  trainable {info.trainable:,} of {info.total:,} ({info.percent:.2f}%), budget {budget}",
+            f"  device {self.accelerator.device}{processes}, precision {self.precision}"
+            + (f" (frozen weights {frozen})" if frozen == "int8" else ""),
+            f"  rows: train {len(enc['train'])}, validation {len(enc['validation'])}, test {len(enc['test'])}",
+        ]
+        if self._resume_from is not None:
+            lines.append(f"  resuming from {self._resume_from.name}")
+        self.console.print("\n".join(lines))
         if not self.has_validation:
             self.console.print("no validation split: no validation evaluations; the last epoch's weights are kept")
 
@@ -697,8 +700,7 @@ class TrainingRecipe:
             self.log.write(type="train", step=st.step, epoch=self._epoch_position(), loss=mean_loss,
                            accuracy=round(accuracy, 6), lr=lr, samples_per_s=round(sps, 2))
         self._track("train", {"loss": mean_loss, "accuracy": accuracy, "lr": lr, "samples_per_s": sps})
-        self.progress.update(self._task, completed=st.step,
-                             info=f"loss {mean_loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s")
+        self.progress.update(self._task, completed=st.step, info=progress_info(self.console.width, mean_loss, lr, sps))
         self._reset_window()
 
     def _track(self, split: str, values: dict[str, float]) -> None:
@@ -755,8 +757,8 @@ class TrainingRecipe:
                            **scalar_metrics(m), per_class=m["per_class"], confusion_matrix=m["confusion_matrix"],
                            best=improved)
             self.progress.console.print(
-                f"step {st.step} epoch {self._epoch_position():.2f}: validation accuracy {m['accuracy']:.4f} "
-                f"macro F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{'  (best)' if improved else ''}")
+                f"step {st.step} epoch {self._epoch_position():.2f}  validation: accuracy {m['accuracy']:.4f} "
+                f"F1 {m['f1_macro']:.4f} loss {m['loss']:.4f}{' best' if improved else ''}")
         self._track("validation", scalar_metrics(m))
         if self.main:
             for callback in self.callbacks:
@@ -905,10 +907,10 @@ class TrainingRecipe:
         if self.best_state is None:
             self.console.print("no validation split: kept the last epoch's weights")
         result = (f"[bold green]test accuracy {test['accuracy']:.4f}[/]  macro F1 {test['f1_macro']:.4f}  "
-                  f"loss {test['loss']:.4f}  " if test else "no test evaluation  ")
+                  f"loss {test['loss']:.4f}" if test else "no test evaluation")
         report = self.run_dir / "report.html"
-        self.console.print(f"{result}({info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s)  "
-                           f"-> {self.run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
+        self.console.print(f"{result}\n{info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s, "
+                           f"run: {self.run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
 
     @contextlib.contextmanager
     def _failures_recorded(self):
@@ -1067,25 +1069,27 @@ def _console(main: bool):
     return Console(quiet=not main, stderr=False)
 
 
+# below this many columns the bar is short, the elapsed time is left out and the figures are terse, so the
+# whole line fits 80 columns; a wider terminal shows the long forms
+WIDE_CONSOLE = 110
+
+
+def progress_info(width: int, loss: float, lr: float, samples_per_s: float) -> str:
+    if width < WIDE_CONSOLE:
+        return f"loss {loss:.3f} lr {lr:.1e} {samples_per_s:.0f}/s"
+    return f"loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s"
+
+
 def _progress(console, main: bool):
-    """The training bar. Epoch and step counts never fold (no_wrap); the free-text info column is the one that
-    gives way in a narrow terminal, cut to one line with an ellipsis."""
+    """The training bar: epoch, bar, steps, time left and the loss / lr / samples-per-second figures, on one line
+    of the terminal's width (80 columns included)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Column
 
-    class OneLine(TextColumn):  # a collapsible column whose text is cut, not wrapped onto more lines
-        def render(self, task):
-            text = super().render(task)
-            text.no_wrap, text.overflow = True, "ellipsis"
-            return text
-
-    fixed = lambda: Column(no_wrap=True)  # noqa: E731
-    return Progress(
-        TextColumn("[bold]train[/] epoch {task.fields[epoch]}", table_column=fixed()),
-        BarColumn(bar_width=20), MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
-        TimeRemainingColumn(table_column=fixed()), OneLine("{task.fields[info]}", table_column=Column(ratio=1)),
-        console=console, disable=not main, transient=False,
-    )
+    wide = console.width >= WIDE_CONSOLE
+    columns = [TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(bar_width=20 if wide else 10),
+               MofNCompleteColumn(), *([TimeElapsedColumn()] if wide else []), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    return Progress(*columns, console=console, disable=not main, transient=False)
 
 
 def _now() -> str:
