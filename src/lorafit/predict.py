@@ -50,7 +50,7 @@ class OnnxBackend:
 
         providers = ["CPUExecutionProvider"]
         if device != "cpu":  # onnxruntime-gpu brings CUDA's provider; the CPU package does not
-            provider = {"cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider"}[device]
+            provider = {"cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider"}[device.split(":")[0]]
             if provider not in ort.get_available_providers():
                 raise LorafitError(f"backend {name} on {device}: this onnxruntime has no {provider}; use --backend "
                                    f"torch on a GPU (or --device cpu)")

@@ -36,11 +36,12 @@ def resolve_device(device: str, field: str = "train.device") -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if mps_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    kind = device.split(":")[0]  # "cuda:1", as torch names a process's own GPU, is a CUDA device too
+    if kind == "cuda" and not torch.cuda.is_available():
         raise LorafitError(f"{field}: cuda requested but no CUDA GPU is visible; use --device auto or cpu")
-    if device == "mps" and not mps_available():
+    if kind == "mps" and not mps_available():
         raise LorafitError(f"{field}: mps requested but Apple MPS is not available; use --device auto or cpu")
-    if device not in ("cpu", "cuda", "mps"):
+    if kind not in ("cpu", "cuda", "mps"):
         raise LorafitError(f"{field}: unknown device '{device}'; use auto, cpu, cuda or mps")
     return device
 
@@ -65,7 +66,7 @@ def inference_precision(precision: str, device: str) -> str:
         raise LorafitError(f"precision '{precision}': use auto, fp32 or bf16")
     if precision != "auto":
         return precision
-    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def inference_batch_size(batch_size: Union[str, int], device: str) -> int:
