@@ -168,7 +168,7 @@ def test_merge_cls_loads_with_auto_class(tiny_run, labelled, tmp_path):
     labels = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
     assert labels == list(encoder_alone(lorafit.load(tiny_run, backend="torch")).predict(texts))
     assert "it is the encoder alone" in res.output.replace("\n", " ")
-    assert invoke("merge", tiny_run, "--out", out).exit_code == 2  # no silent overwrite
+    assert invoke("merge", tiny_run, "-o", out).exit_code == 2  # no silent overwrite
 
 
 def test_merge_mean_pooling_recipe(mean_run, labelled, tmp_path):
@@ -176,7 +176,7 @@ def test_merge_mean_pooling_recipe(mean_run, labelled, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     out = tmp_path / "merged-mean"
-    res = invoke("merge", mean_run, "--out", out)
+    res = invoke("merge", mean_run, "-o", out)
     assert res.exit_code == 0 and "mean pooling" in res.output and "README.md" in res.output
     assert "head.safetensors" in (out / "README.md").read_text()
     texts = labelled[0]

@@ -82,7 +82,7 @@ def test_cli_report_and_compare(run_copy, tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (run_copy / "report.md").is_file()
     out = tmp_path / "cmp"
-    result = CliRunner().invoke(app, ["compare", str(tiny_run), str(run_copy), "--out", str(out)])
+    result = CliRunner().invoke(app, ["compare", str(tiny_run), str(run_copy), "-o", str(out)])
     assert result.exit_code == 0, result.output
     rows = (out / "compare.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("run,")

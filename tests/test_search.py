@@ -81,7 +81,7 @@ def test_space_parsed_from_yaml_and_shown_by_print_config(tmp_path):
     assert cfg.search.n_trials == 7 and list(cfg.search.space) == ["learning_rate", "target_modules", "lora_layers"]
     assert cfg.search.space["learning_rate"].log and cfg.search.space["lora_layers"].choices == [[-1], None]
     result = CliRunner().invoke(app, ["search", str(tmp_path / "s.yaml"), "--n-trials", "3", "--lora-alpha", "32",
-                                      "--out", str(tmp_path / "x"), "--time-budget-minutes", "5", "--print-config"])
+                                      "-o", str(tmp_path / "x"), "--time-budget-minutes", "5", "--print-config"])
     assert result.exit_code == 0, result.output
     shown = Config.model_validate(yaml.safe_load(result.output))
     assert shown.search.n_trials == 3 and shown.search.search_dir == str(tmp_path / "x")
@@ -103,7 +103,7 @@ def test_space_parsed_from_yaml_and_shown_by_print_config(tmp_path):
 ])
 def test_bad_space_is_one_line_exit_2(tmp_path, space, expected):
     (tmp_path / "s.yaml").write_text("search:\n  space:\n" + space)
-    result = CliRunner().invoke(app, ["search", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(app, ["search", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
@@ -111,7 +111,7 @@ def test_bad_space_is_one_line_exit_2(tmp_path, space, expected):
 
 def test_unreachable_storage_is_one_line_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["search", "--storage", "postgresql://lorafit:secret@127.0.0.1:1/nowhere",
-                                      "--out", str(tmp_path / "x")])
+                                      "-o", str(tmp_path / "x")])
     assert result.exit_code == 2, result.output
     assert "cannot open the study storage" in result.output and "secret" not in result.output
 
@@ -196,7 +196,7 @@ def test_a_study_with_another_space_is_refused(base):
     (Path(base.search.search_dir) / "other.yaml").write_text(yaml.safe_dump(
         {"model": {"model": base.model.model}, "search": {"space": {"lora_r": {"type": "int", "low": 2, "high": 4}}}}))
     result = CliRunner().invoke(app, ["search", str(Path(base.search.search_dir) / "other.yaml"),
-                                      "--out", base.search.search_dir])
+                                      "-o", base.search.search_dir])
     assert result.exit_code == 2, result.output
     assert "exists with another search space" in result.output and "--study-name" in result.output
     with pytest.raises(LorafitError, match="another search space"):

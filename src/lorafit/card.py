@@ -161,7 +161,7 @@ def _usage(cfg: Config, labels: list[str], base: str) -> str:
                 f"texts = [\"{_example(labels)}\"]", tokenize,
                 "with torch.inference_mode():",
                 "    labels = [model.config.id2label[i] for i in model(**x).logits.argmax(-1).tolist()]", "```", ""]
-    out.append("`lorafit merge RUN --out merged/` writes a plain Transformers model "
+    out.append("`lorafit merge RUN -o merged/` writes a plain Transformers model "
                + ("(the adapter merged into the base) " if m.method == "lora" else "")
                + "that loads without lorafit or PEFT; its README shows how.")
     if cfg.model.tfidf_weight:

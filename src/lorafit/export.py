@@ -45,7 +45,7 @@ def _write_dir_atomically(out: Path, overwrite: bool, fill) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise LorafitError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+            raise LorafitError(f"{out}: exists and is not empty; choose another -o DIR or pass --overwrite")
     if out.exists() and not out.is_dir():
         out.unlink()
     with atomic_directory(out) as tmp:
