@@ -1084,11 +1084,20 @@ def _progress(console, main: bool):
     """The training bar: epoch, bar, steps, time left and the loss / lr / samples-per-second figures, on one line
     of the terminal's width (80 columns included)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    class OneLine(TextColumn):  # the last resort of a terminal narrower still: cut the figures, never wrap the bar
+        def render(self, task):
+            text = super().render(task)
+            text.no_wrap, text.overflow = True, "ellipsis"
+            return text
 
     wide = console.width >= WIDE_CONSOLE
-    columns = [TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(bar_width=20 if wide else 10),
-               MofNCompleteColumn(), *([TimeElapsedColumn()] if wide else []), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}")]
+    fixed = lambda: Column(no_wrap=True)  # noqa: E731
+    columns = [TextColumn("[bold]train[/] epoch {task.fields[epoch]}", table_column=fixed()),
+               BarColumn(bar_width=20 if wide else 10), MofNCompleteColumn(table_column=fixed()),
+               *([TimeElapsedColumn(table_column=fixed())] if wide else []), TimeRemainingColumn(table_column=fixed()),
+               OneLine("{task.fields[info]}", table_column=Column(ratio=1))]
     return Progress(*columns, console=console, disable=not main, transient=False)
 
 
