@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import LorafitError
 from .fileio import atomic_directory, atomic_write_json
+from .model import load_trainable_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -110,9 +111,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, process_ind
         if missing:
             raise LorafitError(f"{path}: checkpoint does not match the model (missing {missing[0]}); "
                                "was the config changed since the run started?")
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
+        load_trainable_state_dict(model, trainable, source=str(path))  # never a frozen (or quantized) weight
         opt_tensors = load_file(path / "optimizer.safetensors")
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in opt_tensors.items():
