@@ -26,6 +26,8 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' annotations in this module's globals
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import describe
+
 log = logging.getLogger("lorafit.serve")
 
 PAGE = "serve_page.html"
@@ -352,7 +354,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeOptions] = None, clas
         try:
             await asyncio.to_thread(load_and_warm)
         except Exception as exc:  # stays unready and says why on /readyz
-            state["error"] = f"{type(exc).__name__}: {exc}"
+            state["error"] = describe(exc)
             log.error("model failed to load: %s", state["error"])
             return
         batcher.start()
