@@ -15,7 +15,7 @@ import torch
 from .data import clean_text, encode, read_table
 from .errors import LorafitError
 from .evaluate import batched_apply, predict_logits, softmax
-from .rundir import read_labels, read_run
+from .rundir import read_label_offset, read_labels, read_run
 
 EXPORT_DIR = "export"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -65,8 +65,10 @@ class Classifier:
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int, clean: bool,
                  batch_size: int = 16, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
-                 backend=None, tfidf=None):
+                 backend=None, tfidf=None, label_offset: int = 0):
         self.model = model  # None when an ONNX backend serves
+        # what the training data's integer ids counted from (data.json): class i is the data's id i + label_offset
+        self.label_offset = label_offset
         self.tokenizer = tokenizer
         self.classes_ = np.asarray(label_names, dtype=object)
         self.max_length = max_length
@@ -162,7 +164,8 @@ def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str
     tfidf = TfidfModel.load(run_dir / "model")
     if kind != "torch":
         return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
-                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind), tfidf=tfidf)
+                          device="cpu", run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind), tfidf=tfidf,
+                          label_offset=read_label_offset(run_dir))
     if precision not in ("fp32", "bf16"):
         raise LorafitError(f"precision '{precision}': use fp32 or bf16")
     if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
@@ -174,7 +177,8 @@ def _load(run_dir: Path, device: str, batch_size: int, merge: bool, backend: str
         autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
     return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
                       batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
-                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf)
+                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf,
+                      label_offset=read_label_offset(run_dir))
 
 
 # --- files in, predictions out ------------------------------------------------------------------------------

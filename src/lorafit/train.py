@@ -412,6 +412,7 @@ class TrainingRecipe:
             torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
         set_seed(t.seed)
         self.bundle, self.tokenizer, self.encoded = self._data()
+        self._resolve_label_offset()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if cfg.distill is not None:  # `lorafit distill`: the teacher's logits for every training row (+ unlabelled)
             from .distill import Teacher
@@ -495,6 +496,20 @@ class TrainingRecipe:
         if self.reuse is not None:
             self.reuse[key] = found
         return found
+
+    def _resolve_label_offset(self) -> None:
+        """The config keeps the label offset the data stage used (config.yaml, so evaluate and --resume read the
+        same numbering); a detected one is said once (issue 24: 1-based labels were a silent empty class 0)."""
+        offset = self.bundle.summary.get("label_offset", 0)
+        if self.cfg.data.label_offset == offset:
+            return
+        detected = self.cfg.data.label_offset is None
+        self.cfg = self.cfg.with_overrides({"label_offset": offset})
+        if detected and offset and self.main:
+            k = len(self.bundle.label_names)
+            self.console.print(f"labels: the training ids are 1..{k} with no 0, so they count from 1: classes "
+                               f"0..{k - 1} (label_offset 1; predict --labels id writes 1..{k}; --label-offset 0 "
+                               "keeps the ids as they are)")
 
     def _open_run_dir(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> Path:
         """The main process creates (or reopens) the run directory and tells the others its path."""
