@@ -46,11 +46,17 @@ def _flat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def torch_rng_state() -> dict[str, torch.Tensor]:
+    """The torch CPU and CUDA generator states: all that a training step draws from (dropout)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
+    return tensors
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = torch_rng_state()
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     return tensors, {
