@@ -132,3 +132,74 @@ def test_out_of_memory_inside_the_optimizer_update_saves_nothing_half_updated(oo
     with pytest.raises(LorafitError, match="CUDA out of memory at step 2 .*; no checkpoint yet"):
         lorafit.train(str(run_dir / "config.yaml"))
     assert not (run_dir / "run" / "checkpoints").exists()
+
+
+def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_with_a_smaller_one(oom_config,
+                                                                                                monkeypatch):
+    import sys
+
+    from lorafit.cli import app
+    from lorafit.train import resume
+
+    train_mod = sys.modules["lorafit.train"]  # the module: `lorafit.train` is bound to the function
+
+    real_predict, calls = train_mod.predict_logits, []
+
+    def predict_then_oom(*args, **kwargs):  # what evaluate() runs its batches through
+        calls.append(1)
+        if len(calls) == 2:  # the validation at step 4 (eval_every 2)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_predict(*args, **kwargs)
+
+    run_dir = oom_config("oom-eval")
+    monkeypatch.setattr(train_mod, "predict_logits", predict_then_oom)
+    result = CliRunner().invoke(app, ["train", str(run_dir / "config.yaml")])
+    monkeypatch.setattr(train_mod, "predict_logits", real_predict)
+    run = run_dir / "run"
+    assert result.exit_code == 2, result.output
+    assert (f"CUDA out of memory at step 4 while evaluating with --eval-batch-size 32: checkpoint saved at step 4: "
+            f"resume with: lorafit train --resume {run} --eval-batch-size 16") in " ".join(result.output.split())
+    resumed = resume(run, eval_batch_size=16)
+    assert resumed.info["steps"] == 10 and json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("batch, accum, processes, expected", [
+    (16, 2, 1, "train again with --batch-size 8 --grad-accum-steps 4 (the same global batch of 32)"),
+    (5, 1, 2, "train again with --batch-size 2 --grad-accum-steps 2 (a global batch of 8 for 10)"),
+    (1, 4, 1, "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"),
+])
+def test_the_smaller_batch_keeps_the_global_batch_where_it_can(batch, accum, processes, expected):
+    from lorafit.train import smaller_batch
+
+    assert smaller_batch(batch, accum, processes) == expected
+
+
+def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_completion(oom_config, monkeypatch):
+    import sys
+
+    from lorafit.errors import LorafitError
+    from lorafit.train import TrainingRecipe, resume, train
+
+    train_mod = sys.modules["lorafit.train"]
+    real_predict, real_finish, finishing = train_mod.predict_logits, TrainingRecipe._finish, []
+
+    def finish(self, evaluate_test):
+        finishing.append(True)
+        return real_finish(self, evaluate_test)
+
+    def oom_on_the_test_split(*args, **kwargs):
+        if finishing:  # the test split's evaluation, after training
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_predict(*args, **kwargs)
+
+    run_dir = oom_config("oom-test")
+    monkeypatch.setattr(train_mod, "predict_logits", oom_on_the_test_split)
+    monkeypatch.setattr(TrainingRecipe, "_finish", finish)
+    with pytest.raises(LorafitError, match=r"at step 10 while evaluating with --eval-batch-size 32: checkpoint saved "
+                                           r"at step 10: resume with: .* --eval-batch-size 16"):
+        train(str(run_dir / "config.yaml"))
+    monkeypatch.setattr(train_mod, "predict_logits", real_predict)
+    monkeypatch.setattr(TrainingRecipe, "_finish", real_finish)
+    assert not (run_dir / "run" / "model").exists()
+    resumed = resume(run_dir / "run", eval_batch_size=16)
+    assert resumed.test_metrics["n"] == 80 and (run_dir / "run" / "model").is_dir()

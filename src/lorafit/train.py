@@ -158,6 +158,16 @@ def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
     return None
 
 
+def smaller_batch(batch_size: int, grad_accum_steps: int, processes: int = 1) -> str:
+    """What to train with after running out of memory: half the batch, twice the accumulation steps."""
+    half = batch_size // 2
+    if half < 1:
+        return "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"
+    before, after = batch_size * grad_accum_steps * processes, half * 2 * grad_accum_steps * processes
+    same = f"the same global batch of {before}" if after == before else f"a global batch of {after} for {before}"
+    return f"train again with --batch-size {half} --grad-accum-steps {2 * grad_accum_steps} ({same})"
+
+
 def peak_gpu_memory_gb(device: torch.device) -> Optional[float]:
     """The most GPU memory tensors held in this process (torch.cuda.max_memory_allocated), in GB; None off CUDA."""
     if device.type != "cuda":
@@ -379,6 +389,7 @@ class TrainingRecipe:
         self._window: Optional[torch.Tensor] = None  # this process's window sums since the last log, on device
         self._boundary: Optional[dict[str, Any]] = None  # the loop's state after the last optimizer step (OOM)
         self._updating = False  # inside the optimizer step
+        self._evaluating = False  # inside evaluate()
 
     # --- the whole run ---------------------------------------------------------------------------------
     def run(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> Run:
@@ -746,19 +757,21 @@ class TrainingRecipe:
                 saved = self.save_checkpoint(rngs=[(b["torch_rng"], rng_state()[1])])
             except Exception as exc:  # noqa: BLE001 - the out-of-memory line matters more than this checkpoint
                 self.console.print(f"[yellow]warning: no checkpoint at step {st.step} ({escape(describe(exc))})[/]")
-        global_batch = t.batch_size * t.grad_accum_steps * acc.num_processes
-        half = max(1, t.batch_size // 2)
-        lower = (f"train again with --batch-size {half} --grad-accum-steps {t.grad_accum_steps * t.batch_size // half}"
-                 f" (the same global batch of {global_batch})" if t.batch_size > 1 else
-                 "train again with a shorter --max-length or a smaller model")
         from .checkpoint import list_checkpoints
 
         found = list_checkpoints(self.run_dir) if self.run_dir is not None else []
-        resume = (f"; {'checkpoint saved at step ' + str(st.step) if saved else 'last checkpoint ' + found[-1].name}"
-                  f": after freeing GPU memory, resume with: lorafit train --resume {self.run_dir}" if found else
-                  "; no checkpoint yet")
+        where = (("checkpoint saved at step " + str(st.step)) if saved else ("last checkpoint " + found[-1].name)
+                 if found else "")
+        if self._evaluating:  # the evaluation batch is what to lower, and a resumed run may change it
+            half = max(1, t.eval_batch_size // 2)
+            fix = (f"{where}: resume with: lorafit train --resume {self.run_dir} --eval-batch-size {half}" if found
+                   else f"no checkpoint yet; train again with --eval-batch-size {half}")
+            return LorafitError(f"CUDA out of memory at step {st.step} while evaluating with --eval-batch-size "
+                                f"{t.eval_batch_size}: {fix}")
         return LorafitError(f"CUDA out of memory at step {st.step + 1} with --batch-size {t.batch_size}: "
-                            f"{lower}{resume}")
+                            f"{smaller_batch(t.batch_size, t.grad_accum_steps, acc.num_processes)}"
+                            + (f"; {where}: after freeing GPU memory, resume with: lorafit train --resume {self.run_dir}"
+                               if found else "; no checkpoint yet"))
 
     def _window_totals(self) -> tuple[float, int, float, int]:
         """The logging window's (loss sum, batches, correct, rows) over every process."""
@@ -821,8 +834,11 @@ class TrainingRecipe:
         acc, enc = self.accelerator, self.encoded[split]
         prefix = self.prefix if self.prefix is not None and split in self.prefix.flat else None
         forward = (lambda batch: prefix.logits(self.unwrapped, batch, split, acc.device)) if prefix is not None else None
+        # an out-of-memory error inside names --eval-batch-size; left set by an error, read by _out_of_memory
+        self._evaluating = True
         logits = predict_logits(self.unwrapped, enc, self.cfg.train.eval_batch_size, self.pad_id, acc.device,
                                 autocast=self.autocast, forward=forward)
+        self._evaluating = False
         self.encoder_logits[split] = logits
         if self.tfidf is not None:  # after training: what the run's classifier predicts (tfidf.py)
             logits = self.tfidf.blend(logits, getattr(self.bundle, split).texts)
@@ -878,7 +894,12 @@ class TrainingRecipe:
         """Restore the best weights, evaluate on test (unless evaluate_test, by default the recipe's, says not),
         save model/ and the outputs; undo the speed paths, threads and signal handlers."""
         with self._failures_recorded():
-            return self._finish(self.evaluate_test if evaluate_test is None else evaluate_test)
+            try:
+                return self._finish(self.evaluate_test if evaluate_test is None else evaluate_test)
+            except torch.cuda.OutOfMemoryError:
+                if self._evaluating:  # the test split's evaluation: training is over, a resume evaluates again
+                    raise self._out_of_memory() from None
+                raise
 
     def _finish(self, evaluate_test: bool) -> Run:
         st, t, acc = self.state, self.cfg.train, self.accelerator
