@@ -236,7 +236,8 @@ def run_peer_process(argv: list[str], model_dir: Path, out: Path) -> dict[str, A
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--peer-only", str(model_dir)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"the peer's process exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
+        tail = (done.stderr or done.stdout).strip()[-300:]
+        raise RuntimeError(f"the peer's process exited {done.returncode}: {tail}")
     return json.loads(result.read_text(encoding="utf-8"))
 
 
