@@ -44,6 +44,17 @@ def test_labels_1_to_k_are_classes_0_to_k_minus_1(ag_rows, tmp_path):
     assert bundle.test.labels[first] == test_ids[0]  # id k in the file is class k - 1
 
 
+def test_given_names_with_1_based_ids_and_the_flag(ag_rows, tmp_path):
+    texts, ids, test_texts, test_ids = ag_rows
+    train, test = _csv(tmp_path / "train.csv", texts, ids + 1), _csv(tmp_path / "test.csv", test_texts, test_ids + 1)
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    bundle = load_data(_cfg(train, test, label_names=names), seed=0)
+    assert bundle.label_names == names and bundle.summary["label_offset"] == 1
+    assert sorted(set(bundle.train.labels.tolist())) == [0, 1, 2, 3]
+    with pytest.raises(LorafitError, match=r"label 4 is outside 0\.\.3"):  # --label-offset 0: ids as they are
+        load_data(_cfg(train, test, label_names=names, label_offset=0), seed=0)
+
+
 def test_labels_0_to_k_minus_1_keep_their_ids(ag_rows, tmp_path):
     texts, ids, test_texts, test_ids = ag_rows
     bundle = load_data(_cfg(_csv(tmp_path / "train.csv", texts, ids), _csv(tmp_path / "test.csv", test_texts,
