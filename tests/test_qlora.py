@@ -157,6 +157,21 @@ def test_a_4bit_weight_without_its_quantization_state_is_one_line(tiny_model_dir
     model_mod.check_quantized_weights(model)
 
 
+def test_a_4bit_layer_holding_a_plain_float_weight_is_one_line(tiny_model_dir):
+    """What Transformers leaves for a weight the checkpoint lacks: a Linear4bit whose weight is a float tensor."""
+    from transformers import AutoModel
+
+    class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit (matched by name)
+        pass
+
+    model = AutoModel.from_pretrained(tiny_model_dir("bert"))
+    model_mod.check_quantized_weights(model)
+    model.pooler.dense = Linear4bit(32, 32)
+    with pytest.raises(LorafitError, match=r"pooler\.dense\.weight was loaded as a 4-bit weight without its "
+                                           r"quantization state \(shape \(32, 32\)"):
+        model_mod.check_quantized_weights(model)
+
+
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
 def test_speed_paths_that_rewrite_the_model_are_off_for_a_quantized_base(quantize):
     from lorafit.train import speed_paths

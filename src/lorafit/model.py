@@ -247,13 +247,16 @@ def _quantized_load_kwargs(quantize: str, keep_float: Optional[list[str]] = None
 
 
 def check_quantized_weights(model: nn.Module) -> None:
-    """Every 4-bit weight must carry its quantization state: one without it was never quantized (a weight the
-    checkpoint lacks, materialised in float) and would stop bitsandbytes' forward with a bare AssertionError."""
-    for name, p in model.named_parameters():
-        if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is None:
-            raise LorafitError(f"model.quantize: {name} was loaded as a 4-bit weight without its quantization "
-                               f"state (shape {tuple(p.shape)}; is it missing from the checkpoint?); train without "
-                               "--quantize, or report the model")
+    """Every 4-bit layer's weight must carry its quantization state: one without it was never quantized (a weight
+    the checkpoint lacks, materialised in float) and would stop bitsandbytes' forward with a bare AssertionError.
+    bitsandbytes' types (Linear4bit, Params4bit) are matched by name: nothing here imports bitsandbytes."""
+    for name, module in model.named_modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")  # its own, not a wrapped layer's
+        four_bit = type(module).__name__ == "Linear4bit" or type(weight).__name__ == "Params4bit"
+        if four_bit and weight is not None and getattr(weight, "quant_state", None) is None:
+            raise LorafitError(f"model.quantize: {name}.weight was loaded as a 4-bit weight without its "
+                               f"quantization state (shape {tuple(weight.shape)}; is it missing from the checkpoint?); "
+                               "train without --quantize, or report the model")
 
 
 def _prepare_kbit(model: nn.Module, quantize: str) -> nn.Module:
