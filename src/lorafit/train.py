@@ -571,7 +571,7 @@ class TrainingRecipe:
     def _apply_speed_paths(self) -> dict[str, Any]:
         """Every change to the model's forward pass, applied here and undone by finish(); returns what is on
         (run.json's speed_paths). The attention kernel applies per training step (self.step_context)."""
-        t, device = self.cfg.train, self.accelerator.device
+        device = self.accelerator.device
         plan = speed_paths(self.cfg, self.precision, device.type, self.prefix)
         if plan["fast_dropout"]:
             self._cleanup.enter_context(fast_dropout(self.unwrapped))
