@@ -203,3 +203,12 @@ def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_compl
     assert not (run_dir / "run" / "model").exists()
     resumed = resume(run_dir / "run", eval_batch_size=16)
     assert resumed.test_metrics["n"] == 80 and (run_dir / "run" / "model").is_dir()
+
+
+def test_peak_gpu_memory_is_read_for_cuda_devices_only(monkeypatch):
+    from lorafit.train import peak_gpu_memory_gb
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(device) or 2_345_678_901)
+    assert peak_gpu_memory_gb(torch.device("cuda", 0)) == 2.346 and seen == [torch.device("cuda", 0)]
+    assert peak_gpu_memory_gb(torch.device("cpu")) is None and len(seen) == 1
