@@ -47,7 +47,8 @@ def test_step_by_step_with_callbacks_and_no_test_evaluation(tiny_model_dir, tmp_
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "completed" and (run.path / "model").is_dir()
     assert info["speed_paths"] == {"prefix_cache": True, "prefix_cache_from_layer": 1, "frozen_weights": "fp32",
-                                   "fused_lora": True, "fast_dropout": True, "attention_kernel": "math"}
+                                   "fused_lora": True, "fast_dropout": True, "attention_kernel": "math",
+                                   "quantized_base": "none"}
     train_rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()
                   if '"train"' in line]
     assert train_rows and all(0 <= r["accuracy"] <= 1 for r in train_rows)

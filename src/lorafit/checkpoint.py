@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import LorafitError
 from .fileio import atomic_directory, atomic_write_json
+from .model import load_trainable_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -45,11 +46,17 @@ def _flat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def torch_rng_state() -> dict[str, torch.Tensor]:
+    """The torch CPU and CUDA generator states: all that a training step draws from (dropout)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
+    return tensors
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = torch_rng_state()
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     return tensors, {
@@ -110,9 +117,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, process_ind
         if missing:
             raise LorafitError(f"{path}: checkpoint does not match the model (missing {missing[0]}); "
                                "was the config changed since the run started?")
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
+        load_trainable_state_dict(model, trainable, source=str(path))  # never a frozen (or quantized) weight
         opt_tensors = load_file(path / "optimizer.safetensors")
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in opt_tensors.items():

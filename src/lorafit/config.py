@@ -41,6 +41,11 @@ class DataConfig(_Section):
     label_names: Optional[list[str]] = Field(
         None, description="Class names in id order, e.g. World,Sports,Business,Sci/Tech."
     )
+    label_offset: Optional[int] = Field(
+        None, ge=0, le=1, description="What integer labels count from: 1 maps ids 1..K to classes 0..K-1 (the "
+        "original AG News CSVs' 'Class Index'), 0 keeps ids as they are; 'none' detects 1..K with no 0 in the "
+        "training labels. A run records the value it used."
+    )
     split: Literal["given", "resplit"] = Field(
         "given",
         description="'given': keep the test split and carve a stratified validation set from train; "

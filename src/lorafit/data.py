@@ -152,7 +152,10 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Load, clean and split the configured data. Token-length filtering happens later in `encode_splits`."""
     frames, label_names, source = _load_frames(cfg)
-    summary: dict[str, Any] = {"source": source, "split": cfg.split, "seed": seed, "clean_text": cfg.clean_text}
+    offset = label_offset(frames["train"][0], cfg, frames["train"][1], label_names)
+    cfg = cfg.model_copy(update={"label_offset": offset})  # every split's ids count from the train split's base
+    summary: dict[str, Any] = {"source": source, "split": cfg.split, "seed": seed, "clean_text": cfg.clean_text,
+                               "label_offset": offset}
     parts: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
     for name, (df, origin) in frames.items():
         texts = texts_from(df, cfg, origin)
@@ -362,19 +365,21 @@ def labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[str
                 raise LorafitError(f"{_row(origin, i)}: label {values[i]!r} is not a whole number; labels are class "
                                    "ids 0..n-1 or class names")
     if as_int is not None:
+        offset = cfg.label_offset or 0
         n = len(label_names) if label_names else None
         if n is None:
             if fixed:
                 raise LorafitError(f"{origin}: label names unknown; load the train split first")  # internal order
-            n = int(max(as_int)) + 1
-            label_names = [str(i) for i in range(n)]
+            n = int(max(as_int)) + 1 - offset
+            label_names = [str(i + offset) for i in range(n)]  # the file's own numbering
         for i, v in enumerate(as_int):
-            if v < 0 or v >= n:
+            if v < offset or v >= n + offset:
+                numbering = " (this data numbers classes from 1: data.label_offset 1)" if offset else ""
                 raise LorafitError(
-                    f"{_row(origin, i)}: label {v} is outside 0..{n - 1} ({', '.join(label_names)}); "
-                    "fix the label or set --label-names"
+                    f"{_row(origin, i)}: label {v} is outside {offset}..{n - 1 + offset} ({', '.join(label_names)})"
+                    f"{numbering}; fix the label or set --label-names"
                 )
-        return np.asarray(as_int, dtype=np.int64), label_names
+        return np.asarray(as_int, dtype=np.int64) - offset, label_names
     names = [str(v) for v in values]
     if label_names is None:
         if fixed:
@@ -389,6 +394,30 @@ def labels_from(df, cfg: DataConfig, origin: str, label_names: Optional[list[str
             )
         ids.append(index[n])
     return np.asarray(ids, dtype=np.int64), label_names
+
+
+def label_offset(df, cfg: DataConfig, origin: str, label_names: Optional[list[str]]) -> int:
+    """What the training labels' integer ids count from: cfg.label_offset when set, else 1 when they are exactly
+    1..K with no 0 (issue 24: the original AG News CSVs' 'Class Index' is 1-4; counted from 0 they made a 5-class
+    model whose class 0 had no rows), else 0. Ids with no 0 that are not 1..K (1, 2, 3, 5) are refused: whether
+    they count from 0 or 1, some class would have no training rows, and that cannot be guessed."""
+    if cfg.label_offset is not None or cfg.label_column not in df.columns:
+        return cfg.label_offset or 0
+    ids = _as_ints([v.strip() if isinstance(v, str) else v for v in df[cfg.label_column].tolist()])
+    if not ids or min(ids) != 1:  # class names, a 0 among the ids, or negative ids (labels_from refuses them)
+        return 0
+    present, top = set(ids), max(ids)
+    if present == set(range(1, top + 1)) and (label_names is None or len(label_names) == top):
+        return 1
+    if label_names is not None and top < len(label_names):  # named classes 0..n-1 whose 0 has no rows: as before
+        return 0
+    gaps = sorted(set(range(1, top + 1)) - present)
+    shown = ", ".join(map(str, sorted(present)[:8])) + (", ..." if len(present) > 8 else "")
+    why = (f"missing {', '.join(map(str, gaps[:5]))}" if gaps
+           else f"{top} ids for {len(label_names or [])} --label-names")
+    raise LorafitError(
+        f"{origin}: integer labels {shown} have no 0 and are not 1..{top} ({why}), so whether they count from 0 or 1 "
+        "cannot be told; renumber them 0..K-1 or 1..K, or set --label-offset 0 (ids as they are) or 1 (ids - 1)")
 
 
 def _as_float(v) -> Optional[float]:

@@ -9,3 +9,33 @@ class Interrupted(LorafitError):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with 130."""
 
     exit_code = 130
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception from any library: 'Type: message', or, when the message is empty (a bare
+    `assert` gives AssertionError()), 'Type at file:line (source line)' of the innermost frame, so that run.json
+    and the console say where it stopped (issue 23: 'AssertionError: ' alone said nothing)."""
+    message = str(exc).strip()
+    if message:
+        return f"{type(exc).__name__}: {message}"
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    where = f"{_short_path(last.filename)}:{last.lineno}"
+    return f"{type(exc).__name__} at {where}" + (f" ({last.line.strip()})" if last.line and last.line.strip() else "")
+
+
+def _short_path(filename: str) -> str:
+    """A file's path from its import root (bitsandbytes/nn/modules.py), not the machine's site-packages path."""
+    import os
+    import sys
+
+    path = os.path.abspath(filename)
+    roots = sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True)
+    for root in roots:
+        if path.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.relpath(path, root).replace(os.sep, "/")
+    return filename

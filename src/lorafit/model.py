@@ -208,23 +208,55 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
 
 
-def quantization_config(quantize: str):
-    """The BitsAndBytesConfig of QLoRA: 4-bit NF4 with double quantization and bf16 compute, or LLM.int8()."""
+def quantization_config(quantize: str, keep_float: Optional[list[str]] = None):
+    """The BitsAndBytesConfig of QLoRA: 4-bit NF4 with double quantization and bf16 compute, or LLM.int8().
+    `keep_float`: module names bitsandbytes must leave as float nn.Linear (llm_int8_skip_modules, which both
+    modes read): the head and every linear outside the encoder blocks (unquantized_modules)."""
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(keep_float)} if keep_float else {}
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+                                  bnb_4bit_compute_dtype=torch.bfloat16, **skip)
     if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     raise ValueError(quantize)
 
 
-def _quantized_load_kwargs(quantize: str) -> dict:
+def unquantized_modules(loader, hf_config, trust_remote_code: bool = False) -> list[str]:
+    """Full names of the Linear layers that must stay float in a quantized base: all outside the numbered encoder
+    blocks (the classification head, the pooler). Issue 23: without this list Transformers picks what to skip
+    itself (quantizers/base.py get_keys_to_not_convert: the last parameter's name, 'classifier.bias', which
+    matches no module), so BERT's new classifier became a Linear4bit; being absent from the checkpoint it was
+    materialised unquantized (modeling_utils _move_missing_keys_from_meta_to_device) and bitsandbytes' forward
+    stopped in fix_4bit_weight_quant_state_from_module (assert module.weight.shape[1] == 1). A head must train
+    anyway, and LoRA adapts only block linears (find_target_modules). The architecture is built on the meta
+    device: names only, no memory."""
+    with torch.device("meta"):
+        skeleton = loader.from_config(hf_config, trust_remote_code=trust_remote_code)
+    return [name for name, module in skeleton.named_modules()
+            if isinstance(module, nn.Linear) and _LAYER_INDEX.search(f".{name}.") is None]
+
+
+def _quantized_load_kwargs(quantize: str, keep_float: Optional[list[str]] = None) -> dict:
     if quantize == "none":
         return {}
     # a quantized model is placed on its GPU while loading (bitsandbytes quantizes on the device)
-    return {"quantization_config": quantization_config(quantize), "device_map": {"": torch.cuda.current_device()}}
+    return {"quantization_config": quantization_config(quantize, keep_float),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
+def check_quantized_weights(model: nn.Module) -> None:
+    """Every 4-bit layer's weight must carry its quantization state: one without it was never quantized (a weight
+    the checkpoint lacks, materialised in float) and would stop bitsandbytes' forward with a bare AssertionError.
+    bitsandbytes' types (Linear4bit, Params4bit) are matched by name: nothing here imports bitsandbytes."""
+    for name, module in model.named_modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")  # its own, not a wrapped layer's
+        four_bit = type(module).__name__ == "Linear4bit" or type(weight).__name__ == "Params4bit"
+        if four_bit and weight is not None and getattr(weight, "quant_state", None) is None:
+            raise LorafitError(f"model.quantize: {name}.weight was loaded as a 4-bit weight without its "
+                               f"quantization state (shape {tuple(weight.shape)}; is it missing from the checkpoint?); "
+                               "train without --quantize, or report the model")
 
 
 def _prepare_kbit(model: nn.Module, quantize: str) -> nn.Module:
@@ -233,6 +265,7 @@ def _prepare_kbit(model: nn.Module, quantize: str) -> nn.Module:
         return model
     from peft import prepare_model_for_kbit_training
 
+    check_quantized_weights(model)
     return prepare_model_for_kbit_training(model)
 
 
@@ -243,7 +276,6 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
 
     if quantize != "none":
         check_quantization(cfg)
-    quantized = _quantized_load_kwargs(quantize)
 
     id2label = {i: n for i, n in enumerate(label_names)}
     hf_config = _from_pretrained(
@@ -254,6 +286,9 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
         keep_first_layers(hf_config, cfg.num_layers, cfg.model)
     checkpoint_dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
     set_dropouts(hf_config, cfg.encoder_dropout, cfg.attention_dropout, cfg.classifier_dropout)
+    loader = AutoModelForSequenceClassification if cfg.pooling == "cls" else AutoModel
+    quantized = _quantized_load_kwargs(quantize, unquantized_modules(loader, hf_config, cfg.trust_remote_code)
+                                       if quantize != "none" else None)
     if cfg.pooling == "cls":
         return _prepare_kbit(_from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
@@ -444,11 +479,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Copy saved trainable weights (the best step's, a checkpoint's) into the model's trainable parameters, in
+    place. Only those: a frozen weight is never written, so a quantized base (bitsandbytes' packed weights and
+    their quantization state) stays exactly as loaded; a name that is not a trainable parameter is an error."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    foreign = [n for n in state if n not in trainable]
+    if foreign:
+        raise LorafitError(f"{source}: {foreign[0]} is not a trainable parameter of this model "
+                           f"({len(foreign)} such); was the config changed since the run started?")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            trainable[name].copy_(value)
 
 
 # --- saving and loading weights ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .data import clean_text, encode, read_table
 from .errors import LorafitError
 from .evaluate import batched_apply, predict_logits, softmax
 from .extras import require_extra
-from .rundir import read_labels, read_run
+from .rundir import read_label_offset, read_labels, read_run
 from .runtime import inference_batch_size, inference_precision, resolve_device
 
 EXPORT_DIR = "export"
@@ -75,8 +75,10 @@ class Classifier:
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int, clean: bool,
                  batch_size: int = 16, device: str = "cpu", autocast=None, run_dir: Optional[Path] = None,
-                 backend=None, tfidf=None):
+                 backend=None, tfidf=None, label_offset: int = 0):
         self.model = model  # None when an ONNX backend serves
+        # what the training data's integer ids counted from (data.json): class i is the data's id i + label_offset
+        self.label_offset = label_offset
         self.tokenizer = tokenizer
         self.classes_ = np.asarray(label_names, dtype=object)
         self.max_length = max_length
@@ -179,7 +181,7 @@ def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, 
     if kind != "torch":
         return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
                           device=device, run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind, device=device),
-                          tfidf=tfidf)
+                          tfidf=tfidf, label_offset=read_label_offset(run_dir))
     precision = inference_precision(precision, device)
     if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
         check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
@@ -190,7 +192,8 @@ def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, 
         autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
     return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
                       batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
-                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf)
+                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf,
+                      label_offset=read_label_offset(run_dir))
 
 
 # --- files in, predictions out ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import describe
 from .fileio import atomic_write_bytes, atomic_write_text
 from .rundir import PREDICTIONS, read_labels, read_metrics, read_predictions, read_run, write_predictions
 
@@ -184,7 +185,7 @@ def draw_plots(view: RunView, out_dir: Path) -> tuple[list[tuple[str, str]], lis
             atomic_write_bytes(out_dir / filename, _png(fig))
             drawn.append((filename, caption))
         except Exception as exc:  # noqa: BLE001 - one broken plot must not cost the others or the run
-            problems.append(f"plot {filename} could not be drawn: {type(exc).__name__}: {exc}")
+            problems.append(f"plot {filename} could not be drawn: {describe(exc)}")
     return drawn, problems
 
 
@@ -423,7 +424,7 @@ def write_report(run_dir: str | Path, require_completed: bool = True) -> Path:
     try:
         write_model_card(view.path, require_completed=require_completed)
     except Exception as exc:  # noqa: BLE001 - like a plot, a card that cannot be written is a warning
-        card_problems.append(f"model card model/README.md could not be written: {type(exc).__name__}: {exc}")
+        card_problems.append(f"model card model/README.md could not be written: {describe(exc)}")
     plots_dir = view.path / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
     plots, problems = draw_plots(view, plots_dir)
@@ -522,7 +523,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             atomic_write_bytes(out / name, _png(fig))
             plots.append((name, ylabel.capitalize() + " of each run"))
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"plot {name} could not be drawn: {type(exc).__name__}: {exc}")
+            problems.append(f"plot {name} could not be drawn: {describe(exc)}")
     sections = [("Runs", [header, *rows]), ("Plots", Figures(plots))]
     sections += [("Warnings", "\n".join(problems))] if problems else []
     title = f"lorafit comparison of {len(views)} runs"

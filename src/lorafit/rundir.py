@@ -4,7 +4,7 @@ serve read it. Layout version 1 (documented in docs/run-directory.md):
     config.yaml         the resolved config of the run (YAML, loads back with Config.from_yaml)
     run.json            layout version, status, versions, hardware, timings, throughput, parameter counts
     labels.json         class names in id order
-    data.json           data source, split sizes and seed, cleaning/filtering counts, token lengths
+    data.json           data source, split sizes and seed, cleaning/filtering counts, token lengths, label_offset
     splits.json         source row numbers of every train/validation/test example
     tokenizer/          the model's tokenizer (save_pretrained)
     model/              weights in safetensors:
@@ -135,6 +135,15 @@ def read_run(run_dir: str | Path, require_completed: bool = True) -> tuple[Path,
 
 def read_labels(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+
+
+def read_label_offset(run_dir: Path) -> int:
+    """What the run's training data numbered its classes from (data.json label_offset): 1 when its integer labels
+    were 1..K, so class i is the data's id i + 1; 0 for every other run, and for runs from before the key."""
+    path = Path(run_dir) / "data.json"
+    if not path.is_file():
+        return 0
+    return int(json.loads(path.read_text(encoding="utf-8")).get("label_offset") or 0)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

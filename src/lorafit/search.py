@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .config import DEFAULT_SEARCH_SPACE, SEARCH_FIELDS, Config, ModelConfig, ParamSpec, SearchConfig
-from .errors import LorafitError
+from .errors import LorafitError, describe
 from .fileio import atomic_write_json, atomic_write_text
 
 SPACE_ATTR = "lorafit_search_space"  # study user attribute: the space a study was created with
@@ -514,7 +514,9 @@ def write_outputs(cfg: Config, study, study_dir: Path, console=None) -> SearchRe
     except Exception as exc:  # noqa: BLE001 - drawing is a bonus; the study's results are intact
         report = None
         if console is not None:
-            console.print(f"[yellow]warning: the search report could not be written ({type(exc).__name__}: {exc})[/]")
+            from rich.markup import escape
+
+            console.print(f"[yellow]warning: the search report could not be written ({escape(describe(exc))})[/]")
     if console is not None:
         if best is not None:
             test = f"; test accuracy {test_metrics['accuracy']:.4f}" if test_metrics else ""

@@ -27,6 +27,7 @@ from fastapi import Request  # at module level: FastAPI resolves the endpoints' 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ServeConfig
+from .errors import describe
 
 log = logging.getLogger("lorafit.serve")
 
@@ -342,7 +343,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeConfig] = None, class
         try:
             await asyncio.to_thread(load_and_warm)
         except Exception as exc:  # stays unready and says why on /readyz
-            state["error"] = f"{type(exc).__name__}: {exc}"
+            state["error"] = describe(exc)
             log.error("model failed to load: %s", state["error"])
             return
         batcher.start()

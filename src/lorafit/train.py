@@ -18,13 +18,14 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import nn
 
 from .config import Config
 from .data import (
     Collator, DataBundle, Encoded, EncodedDataset, LengthGroupedBatches, encode, filter_by_length, load_data,
 )
-from .errors import Interrupted, LorafitError
+from .errors import Interrupted, LorafitError, describe
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .fileio import atomic_write_json, atomic_write_text
 from .frozen import calibrate_int8, frozen_linears, int8_available
@@ -162,6 +163,23 @@ def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
     return None
 
 
+def smaller_batch(batch_size: int, grad_accum_steps: int, processes: int = 1) -> str:
+    """What to train with after running out of memory: half the batch, twice the accumulation steps."""
+    half = batch_size // 2
+    if half < 1:
+        return "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"
+    before, after = batch_size * grad_accum_steps * processes, half * 2 * grad_accum_steps * processes
+    same = f"the same global batch of {before}" if after == before else f"a global batch of {after} for {before}"
+    return f"train again with --batch-size {half} --grad-accum-steps {2 * grad_accum_steps} ({same})"
+
+
+def peak_gpu_memory_gb(device: torch.device) -> Optional[float]:
+    """The most GPU memory tensors held in this process (torch.cuda.max_memory_allocated), in GB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+
+
 def training_attention(device: torch.device, kernel: str = "math"):
     """On the CPU, train with SDPA's math kernel (train.cpu_attention_kernel): the fused flash kernel's backward
     is several times slower for short texts (a profiled step: 28% of it, against 9% for math). GPUs keep their
@@ -171,6 +189,25 @@ def training_attention(device: torch.device, kernel: str = "math"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def speed_paths(cfg: Config, precision: str, device_type: str, prefix=None) -> dict[str, Any]:
+    """Which speed paths a run uses (run.json's speed_paths). A quantized base (model.quantize) gets none of those
+    that rewrite the model: fast dropout swaps modules, the frozen-weight paths swap weights' .data or patch
+    forwards, the prefix cache swaps the embeddings; bitsandbytes' packed weights must stay as loaded (issue 23)."""
+    t = cfg.train
+    quantized = cfg.model.quantize != "none"
+    frozen = frozen_mode(cfg, precision, device_type)  # None for a quantized base
+    fp32_cpu = precision == "fp32" and device_type == "cpu"
+    return {
+        "prefix_cache": prefix is not None,
+        "prefix_cache_from_layer": prefix.k if prefix is not None else None,
+        "frozen_weights": frozen or "fp32",
+        "fused_lora": bool(t.fused_lora and fp32_cpu and cfg.model.method == "lora" and not quantized),
+        "fast_dropout": bool(t.fast_dropout and device_type == "cpu" and not quantized),
+        "attention_kernel": t.cpu_attention_kernel if device_type == "cpu" else "default",
+        "quantized_base": cfg.model.quantize,
+    }
 
 
 # --- data preparation ----------------------------------------------------------------------------------
@@ -355,6 +392,9 @@ class TrainingRecipe:
         self._cleanup = contextlib.ExitStack()  # undone by finish() or a failure: speed paths, threads, signals
         self._t_start = time.time()
         self._window: Optional[torch.Tensor] = None  # this process's window sums since the last log, on device
+        self._boundary: Optional[dict[str, Any]] = None  # the loop's state after the last optimizer step (OOM)
+        self._updating = False  # inside the optimizer step
+        self._evaluating = False  # inside evaluate()
 
     # --- the whole run ---------------------------------------------------------------------------------
     def run(self, run_dir: Optional[Path] = None, resume_from: Optional[Path] = None) -> Run:
@@ -388,6 +428,7 @@ class TrainingRecipe:
             torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
         set_seed(t.seed)
         self.bundle, self.tokenizer, self.encoded = self._data()
+        self._resolve_label_offset()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if cfg.distill is not None:  # `lorafit distill`: the teacher's logits for every training row (+ unlabelled)
             from .distill import Teacher
@@ -470,6 +511,20 @@ class TrainingRecipe:
             self.reuse[key] = found
         return found
 
+    def _resolve_label_offset(self) -> None:
+        """The config keeps the label offset the data stage used (config.yaml, so evaluate and --resume read the
+        same numbering); a detected one is said once (issue 24: 1-based labels were a silent empty class 0)."""
+        offset = self.bundle.summary.get("label_offset", 0)
+        if self.cfg.data.label_offset == offset:
+            return
+        detected = self.cfg.data.label_offset is None
+        self.cfg = self.cfg.with_overrides({"label_offset": offset})
+        if detected and offset and self.main:
+            k = len(self.bundle.label_names)
+            self.console.print(f"labels: the training ids are 1..{k} with no 0, so they count from 1: classes "
+                               f"0..{k - 1} (label_offset 1; predict --labels id writes 1..{k}; --label-offset 0 "
+                               "keeps the ids as they are)")
+
     def _open_run_dir(self, run_dir: Optional[Path], resume_from: Optional[Path]) -> Path:
         """The main process creates (or reopens) the run directory and tells the others its path."""
         from accelerate.utils import broadcast_object_list
@@ -519,25 +574,20 @@ class TrainingRecipe:
     def _apply_speed_paths(self) -> dict[str, Any]:
         """Every change to the model's forward pass, applied here and undone by finish(); returns what is on
         (run.json's speed_paths). The attention kernel applies per training step (self.step_context)."""
-        t, device = self.cfg.train, self.accelerator.device
-        frozen = self._frozen_mode()
-        fp32_cpu = self.precision == "fp32" and device.type == "cpu"
-        if t.fast_dropout and device.type == "cpu":
+        device = self.accelerator.device
+        plan = speed_paths(self.cfg, self.precision, device.type, self.prefix)
+        if plan["fast_dropout"]:
             self._cleanup.enter_context(fast_dropout(self.unwrapped))
-        self._cleanup.enter_context(frozen_linears(self.unwrapped, frozen, fuse_lora=t.fused_lora))
-        if frozen == "int8":
-            # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same way
-            _calibrate_int8(self.unwrapped, self.encoded["train"], self.prefix, self.pad_id, device)
-        kernel = t.cpu_attention_kernel if device.type == "cpu" else "default"
+        if plan["quantized_base"] == "none":
+            # a bitsandbytes base is never touched: these paths swap weights' .data or modules' forward
+            frozen = None if plan["frozen_weights"] == "fp32" else plan["frozen_weights"]
+            self._cleanup.enter_context(frozen_linears(self.unwrapped, frozen, fuse_lora=plan["fused_lora"]))
+            if frozen == "int8":
+                # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same
+                _calibrate_int8(self.unwrapped, self.encoded["train"], self.prefix, self.pad_id, device)
+        kernel = plan["attention_kernel"]
         self.step_context = lambda: training_attention(device, kernel)
-        return {
-            "prefix_cache": self.prefix is not None,
-            "prefix_cache_from_layer": self.prefix.k if self.prefix is not None else None,
-            "frozen_weights": frozen or "fp32",
-            "fused_lora": bool(t.fused_lora and fp32_cpu and self.cfg.model.method == "lora"),
-            "fast_dropout": bool(t.fast_dropout and device.type == "cpu"),
-            "attention_kernel": kernel,
-        }
+        return plan
 
     def _print_header(self) -> None:
         if not self.main:
@@ -570,7 +620,10 @@ class TrainingRecipe:
     def train_epoch(self) -> bool:
         """Train to the end of the current epoch (or max steps, or a stop); return False when training is over."""
         with self._failures_recorded(), torch.enable_grad():  # grad mode as the caller left it, afterwards
-            self._train_epoch()
+            try:
+                self._train_epoch()
+            except torch.cuda.OutOfMemoryError:  # a class on CPU builds too
+                raise self._out_of_memory() from None
         return self.state.step < self.total_steps and self.state.stop_reason == "completed"
 
     def _train_epoch(self) -> None:
@@ -579,6 +632,7 @@ class TrainingRecipe:
             return
         self.sampler.epoch, self.sampler.start = st.epoch, st.batches_done  # the order follows LoopState alone
         self.model.train()
+        self._mark_step_boundary()
         evaluated_at = None
         t0 = time.time()
         for batch in self.loader:
@@ -592,6 +646,7 @@ class TrainingRecipe:
                 st.train_time += time.time() - t0
                 self._log_training()
                 t0 = time.time()
+            self._mark_step_boundary()  # after the log row, whose window it then no longer holds
             stop = {"early_stopping": False, "time_budget": self.deadline is not None and time.time() > self.deadline,
                     "signal": self._signals.received is not None}
             if t.eval_every and st.step % t.eval_every == 0 and self.has_validation:
@@ -652,6 +707,7 @@ class TrainingRecipe:
             scaled = loss / t.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if sync:
+            self._updating = True  # an error from here to the scheduler step leaves the weights half-updated
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if t.max_grad_norm:
@@ -663,6 +719,7 @@ class TrainingRecipe:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._updating = False
         # summed in float64 in the order of the steps, continued from a checkpoint's sums: a resumed run logs the
         # uninterrupted run's numbers exactly
         window = torch.stack([loss.detach(), (logits.argmax(-1) == batch["labels"]).sum()]).double()
@@ -672,6 +729,55 @@ class TrainingRecipe:
         st.samples += len(batch["labels"])
         st.real_tokens += int(batch["attention_mask"].sum())
         st.padded_tokens += batch["attention_mask"].numel()
+
+    # counters a step changes before its optimizer update; restored from the boundary after an out-of-memory error
+    _STEP_COUNTERS = ("batches_done", "loss_count", "seen", "samples", "real_tokens", "padded_tokens")
+
+    def _mark_step_boundary(self) -> None:
+        """Remember where the last completed optimizer step left the loop (counters, window, torch RNG states), so
+        that an out-of-memory error in the next step can still leave a checkpoint at this step. Only torch's
+        generators: a step draws from no other (dropout), and NumPy's state alone would cost ~65 us a step."""
+        from .checkpoint import torch_rng_state
+
+        st = self.state
+        self._boundary = {**{k: getattr(st, k) for k in self._STEP_COUNTERS}, "epoch": st.epoch, "step": st.step,
+                          "window": self._window, "torch_rng": torch_rng_state()}
+
+    def _out_of_memory(self) -> LorafitError:
+        """CUDA ran out of memory: checkpoint the last completed step (the SIGINT path's resumable state) where the
+        weights are whole, and say in one line which batch size to lower."""
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+        saved = None
+        b = self._boundary
+        # one process cannot save alone (save_checkpoint gathers every process's RNG states): use the last one
+        if not self._updating and b is not None and b["step"] == st.step and acc.num_processes == 1:
+            for key in self._STEP_COUNTERS:
+                setattr(st, key, b[key])
+            st.epoch, self._window = b["epoch"], b["window"]
+            try:
+                from .checkpoint import rng_state
+
+                saved = self.save_checkpoint(rngs=[(b["torch_rng"], rng_state()[1])])
+            except Exception as exc:  # noqa: BLE001 - the out-of-memory line matters more than this checkpoint
+                self.console.print(f"[yellow]warning: no checkpoint at step {st.step} ({escape(describe(exc))})[/]")
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+        where = (("checkpoint saved at step " + str(st.step)) if saved else ("last checkpoint " + found[-1].name)
+                 if found else "")
+        if self._evaluating:  # the evaluation batch is what to lower, and a resumed run may change it
+            half = max(1, t.eval_batch_size // 2)
+            fix = (f"{where}: resume with: lorafit train --resume {self.run_dir} --eval-batch-size {half}" if found
+                   else f"no checkpoint yet; train again with --eval-batch-size {half}")
+            return LorafitError(f"CUDA out of memory at step {st.step} while evaluating with --eval-batch-size "
+                                f"{t.eval_batch_size}: {fix}")
+        return LorafitError(f"CUDA out of memory at step {st.step + 1} with --batch-size {t.batch_size}: "
+                            f"{smaller_batch(t.batch_size, t.grad_accum_steps, acc.num_processes)}"
+                            + (f"; {where}: after freeing GPU memory, resume with: lorafit train --resume {self.run_dir}"
+                               if found else "; no checkpoint yet"))
 
     def _window_totals(self) -> tuple[float, int, float, int]:
         """The logging window's (loss sum, batches, correct, rows) over every process."""
@@ -733,8 +839,11 @@ class TrainingRecipe:
         acc, enc = self.accelerator, self.encoded[split]
         prefix = self.prefix if self.prefix is not None and split in self.prefix.flat else None
         forward = (lambda batch: prefix.logits(self.unwrapped, batch, split, acc.device)) if prefix is not None else None
+        # an out-of-memory error inside names --eval-batch-size; left set by an error, read by _out_of_memory
+        self._evaluating = True
         logits = predict_logits(self.unwrapped, enc, self.cfg.train.eval_batch_size, self.pad_id, acc.device,
                                 autocast=self.autocast, forward=forward)
+        self._evaluating = False
         self.encoder_logits[split] = logits
         if self.tfidf is not None:  # after training: what the run's classifier predicts (tfidf.py)
             logits = self.tfidf.blend(logits, getattr(self.bundle, split).texts)
@@ -767,14 +876,15 @@ class TrainingRecipe:
         return t.early_stopping_patience is not None and st.bad_evals >= t.early_stopping_patience
 
     # --- checkpoints -----------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Optional[Path]:
-        """A resumable checkpoint at the current step (written by the main process; every process calls it)."""
+    def save_checkpoint(self, rngs: Optional[list] = None) -> Optional[Path]:
+        """A resumable checkpoint at the current step (written by the main process; every process calls it).
+        `rngs`: this process's RNG states to record, when not the current ones (single process only)."""
         from accelerate.utils import gather_object
 
         from .checkpoint import rng_state, save_checkpoint
 
         loss_sum, batches, correct, rows = self._window_totals()
-        rngs = [rng_state()]
+        rngs = rngs or [rng_state()]
         if self.accelerator.num_processes > 1:
             rngs = gather_object(rngs)  # each process's dropout stream, restored to the same process
         if not self.main:
@@ -789,7 +899,12 @@ class TrainingRecipe:
         """Restore the best weights, evaluate on test (unless evaluate_test, by default the recipe's, says not),
         save model/ and the outputs; undo the speed paths, threads and signal handlers."""
         with self._failures_recorded():
-            return self._finish(self.evaluate_test if evaluate_test is None else evaluate_test)
+            try:
+                return self._finish(self.evaluate_test if evaluate_test is None else evaluate_test)
+            except torch.cuda.OutOfMemoryError:
+                if self._evaluating:  # the test split's evaluation: training is over, a resume evaluates again
+                    raise self._out_of_memory() from None
+                raise
 
     def _finish(self, evaluate_test: bool) -> Run:
         st, t, acc = self.state, self.cfg.train, self.accelerator
@@ -870,7 +985,7 @@ class TrainingRecipe:
             speed = student_speed(self.run_dir, texts, self.cfg.train.eval_batch_size) if texts else {}
         except Exception as exc:  # noqa: BLE001 - a measurement for the record must never fail a finished run
             self.console.print(f"[yellow]warning: the student's predict speed could not be measured "
-                               f"({type(exc).__name__}: {exc})[/]")
+                               f"({escape(describe(exc))})[/]")
         self.record.update(distillation={**self.record.data.get("distillation", {}), **self.teacher.info,
                                          "student_layers": layer_count(self.cfg), **speed,
                                          "speed_measured": "in-run: teacher while computing its logits, student "
@@ -895,6 +1010,7 @@ class TrainingRecipe:
             "train_samples_per_s": round(st.samples * acc.num_processes / max(st.train_time + train_prefix_s, 1e-9), 2),
             "padding_efficiency": round(st.real_tokens / max(st.padded_tokens, 1), 4),
             "resumed": self._resume_from is not None,
+            "peak_gpu_memory_gb": peak_gpu_memory_gb(acc.device),
         }
 
     def _print_result(self, info: dict[str, Any], test: dict[str, Any]) -> None:
@@ -921,10 +1037,18 @@ class TrainingRecipe:
             self._close(status="interrupted")
             raise
         except BaseException as exc:
-            self._close(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            error = describe(exc)[:2000]  # a bare AssertionError() still says where it stopped
+            self._close(status="failed", error=error)
+            if self.main and self.console is not None and not isinstance(exc, LorafitError):
+                # the CLI prints a LorafitError itself; for a library's error this line heads the traceback
+                self.console.print(f"[bold red]failed:[/] {escape(error)}"
+                                   + (f" (run.json of {self.run_dir})" if self.run_dir is not None else ""))
             raise
 
     def _close(self, **fields) -> None:
+        peak = peak_gpu_memory_gb(self.accelerator.device) if getattr(self, "accelerator", None) else None
+        if peak is not None:  # a failed CUDA run (out of memory above all) says how much it held
+            fields["peak_gpu_memory_gb"] = peak
         try:
             self._cleanup.close()
         finally:
@@ -1049,7 +1173,7 @@ def _report_if_available(run_dir: Path, console) -> None:
     try:
         report.write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - plotting must never break a finished run
-        console.print(f"[yellow]warning: the report could not be written ({type(exc).__name__}: {exc}); "
+        console.print(f"[yellow]warning: the report could not be written ({escape(describe(exc))}); "
                       f"results are intact; retry with: lorafit report {run_dir}[/]")
 
 

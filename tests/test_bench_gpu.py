@@ -1,0 +1,65 @@
+"""bench/gpu.py in its CPU mode (--tiny): every row it can run on a CPU runs and lands in the table; the QLoRA rows
+say why they are skipped; lorafit's peer-recipe row trains with the peer's recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def test_mfu_counts_four_flops_per_weight_and_token(load_bench):
+    bench = load_bench("gpu")
+    # 1M weights x 1M tokens x 4 FLOPs in 2 s against 1 TFLOP/s: 2 TFLOP/s achieved, twice the peak
+    assert bench.mfu(10**6, 10**6, 2.0, 1.0) == pytest.approx(2.0)
+    assert bench.mfu(10**6, 10**6, 0.0, 1.0) is None
+
+
+def test_the_recipe_rows_are_the_peers_recipe(load_bench, tmp_path):
+    bench = load_bench("gpu")
+    args = bench.parse_args(["--out", str(tmp_path)])
+    data = {"train_csv": tmp_path / "train.csv", "test_csv": tmp_path / "test.csv"}
+    peer = bench.lorafit_overrides("lorafit-peer", args, tmp_path / "m", data, tmp_path)
+    assert {k: peer[k] for k in bench.PEER_RECIPE} == {
+        "pooling": "cls", "target_modules": ["query", "value"], "lora_layers": None, "head_learning_rate": None,
+        "label_smoothing": 0.0, "tfidf_weight": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+        "validation_size": 0}
+    assert bench.lorafit_overrides("qlora-8bit", args, tmp_path / "m", data, tmp_path)["quantize"] == "8bit"
+    default = bench.lorafit_overrides("lorafit", args, tmp_path / "m", data, tmp_path)
+    assert not set(bench.PEER_RECIPE) & set(default) and "quantize" not in default
+    assert bench.predict_cli_command("RUN", Path("in.csv"), Path("out.csv"))[-8:] == [
+        "predict", "RUN", "-i", "in.csv", "-o", "out.csv", "--device", "cuda"]
+
+
+def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
+    """On this CPU the QLoRA rows are skipped with their reason; on a GPU with bitsandbytes they run too."""
+    import torch
+
+    bench = load_bench("gpu")
+    results = bench.main(["--tiny", "--out", str(tmp_path)])
+    cuda = torch.cuda.is_available()
+    rows = {r["row"]: r for r in results["training"]}
+    assert list(rows) == ["peer", "lorafit-peer", "lorafit", "qlora-4bit", "qlora-8bit"]
+    skipped = bench.qlora_unavailable()
+    ran = ["peer", "lorafit-peer", "lorafit"] + (["qlora-4bit", "qlora-8bit"] if skipped is None else [])
+    for name in ran:
+        r = rows[name]
+        assert "error" not in r, r
+        assert r["samples_per_s"] > 0 and r["train_s"] > 0 and 0 <= r["accuracy"] <= 1 and r["mfu"] > 0
+        assert (r["peak_gpu_gb"] is None) == (not cuda)  # GPU memory only where there is a GPU
+    if skipped is not None:
+        assert rows["qlora-4bit"] == {"row": "qlora-4bit", "note": skipped}
+        assert f"| qlora-8bit | – | – | – | – | – | {skipped} |" in (tmp_path / "results.md").read_text()
+    assert rows["peer"]["train_samples"] == rows["lorafit-peer"]["train_samples"] == 64  # the same rows
+    recorded = yaml.safe_load((Path(rows["lorafit-peer"]["run"]) / "config.yaml").read_text())
+    assert recorded["model"]["pooling"] == "cls" and recorded["model"]["target_modules"] == ["query", "value"]
+    assert recorded["model"]["lora_layers"] is None and recorded["model"]["lora_dropout"] == 0.1
+    assert recorded["model"]["tfidf_weight"] == 0 and recorded["train"]["head_learning_rate"] is None
+    contenders = ["pipeline", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
+    assert [(r["contender"], r.get("texts_per_s", 0) > 0) for r in results["inference"]] == [
+        (c, True) for c in contenders]
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith(f"GPU: {bench.device_name()}\n")
+    assert json.loads((tmp_path / "results.json").read_text())["block_params"] == 2 * (4 * 64 * 64 + 2 * 64 * 128)
