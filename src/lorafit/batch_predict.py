@@ -528,7 +528,8 @@ class _RowBuilder:
                 columns[idc] = ids.take(pa.array(rows - (end - self.size), type=pa.int64()))
             else:
                 kind = self.source.id_kind or "str"
-                columns[idc] = pa.array(self.ids, type={"int": pa.int64(), "float": pa.float64()}.get(kind, pa.string()))
+                arrow_type = {"int": pa.int64(), "float": pa.float64()}.get(kind, pa.string())
+                columns[idc] = pa.array(self.ids, type=arrow_type)
         piece = Piece(pa.table(columns) if columns else pa.table({}), rows, self.bad, end, position)
         self.texts = {c: [] for c in self.texts}
         self.ids, self.rows, self.bad, self.size = [], [], [], 0
@@ -761,7 +762,9 @@ class PredictSummary:
         return (self.predicted - self.resumed_from_row) / max(self.seconds, 1e-9)
 
     def line(self) -> str:
-        labels = ", ".join(f"{k} {v}" for k, v in sorted(self.label_counts.items()))
+        # class ids in numeric order (2 before 10), names alphabetically
+        order = sorted(self.label_counts, key=lambda k: (0, int(k), "") if k.lstrip("-").isdigit() else (1, 0, k))
+        labels = ", ".join(f"{k} {self.label_counts[k]}" for k in order)
         text = (f"wrote {self.predicted} predictions to {self.output} ({self.backend}, {self.rows_per_s:.0f} rows/s"
                 + (f"; resumed at row {self.resumed_from_row}" if self.resumed_from_row else "")
                 + f"); labels: {labels or 'none'}; {self.blank_rows} blank rows")
@@ -871,7 +874,8 @@ def predict_file(clf, input: str | Path, output: str | Path, cfg: Optional[Predi
         elif cfg.resume:
             raise LorafitError(f"{paths['state']}: cannot resume: {why}; run without --resume to start over")
         else:
-            console.print(f"{output}: starting over: a partial prediction was left, but {why}", highlight=False)
+            console.print(f"{output}: starting over: a partial prediction was left, but {why}", markup=False,
+                          highlight=False)
     elif cfg.resume:
         raise LorafitError(f"{output}: nothing to resume (no {paths['state'].name}); run without --resume")
     if resume_state is None:
@@ -885,7 +889,7 @@ def predict_file(clf, input: str | Path, output: str | Path, cfg: Optional[Predi
         for key in ("partial", "state", "bad_partial"):
             _remove(paths[key])
         raise
-    console.print(summary.line(), highlight=False, soft_wrap=True)
+    console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
@@ -900,7 +904,7 @@ def _run(clf, src: InputFile, output: Path, cfg: PredictConfig, text_columns: li
         summary.label_counts = dict(state["label_counts"])
         summary.resumed_from_row = state["predicted"]
         console.print(f"{output}: resuming after chunk {done} (row {state['rows']}) of an interrupted prediction",
-                      highlight=False)
+                      markup=False, highlight=False)
     sink = None
     bad_log = BadRowLog(paths["bad_partial"])
     bad_bytes = state["bad_bytes"] if state is not None else None
