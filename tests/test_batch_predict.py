@@ -5,6 +5,7 @@ keep their row, bad rows stop or are skipped and listed."""
 from __future__ import annotations
 
 import io
+import re
 import json
 
 import numpy as np
@@ -281,3 +282,22 @@ def test_predict_table_is_the_per_chunk_step(clf, texts):
     assert out.column("Label").to_pylist()[5] == clf.predict([""], allow_blank=True)[0]
     with pytest.raises(LorafitError, match="single string"):
         clf.predict_proba("one text", allow_blank=True)
+
+
+def test_whole_file_problems_are_one_line(clf, tmp_path):
+    out = tmp_path / "out.csv"
+    cases = {"latin1.csv": (b"text\ncaf\xe9 au lait\n", "not valid UTF-8"),
+             "header-only.csv": (b"text\n", "no rows to predict"),
+             "other.csv": (b"sentence\nhello\n", "no column 'text' (columns: sentence); set --text-column"),
+             "in.xlsx": (b"x", "unsupported file type '.xlsx'")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(LorafitError, match=re.escape(message)) as err:
+            run(clf, tmp_path / name, out)
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / name))
+        assert not any(p.exists() for p in [out, *partial_paths(out).values()])
+    with pytest.raises(LorafitError, match="pickle files can run arbitrary code"):
+        pd.DataFrame({"text": ["a"]}).to_pickle(tmp_path / "in.pkl")
+        run(clf, tmp_path / "in.pkl", out)
+    with pytest.raises(LorafitError, match=r"\.csv or \.parquet"):
+        run(clf, tmp_path / "other.csv", tmp_path / "out.xlsx")

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DataConfig, PredictConfig
-from .data import MAX_TEXT_CHARS, clean_text, read_table
+from .data import MAX_TEXT_CHARS, _looks_like_jsonl, read_table
 from .errors import LorafitError
 from .fileio import atomic_write_json
 
@@ -175,16 +175,12 @@ def input_kind(path: Path) -> tuple[str, Optional[str]]:
         raise LorafitError(f"{path}: unsupported file type '{suffix or path.name}'; use .csv, .tsv, .jsonl, .json, "
                            ".parquet, .txt (one text per line) or .pkl with allow_pickle")
     kind = kinds[suffix]
-    if kind == "json" and _json_is_lines(path, compression):
+    if kind == "json" and path.is_file() and path.stat().st_size and _looks_like_jsonl(path, compression):
         kind = "jsonl"
     return kind, compression
 
 
-def _json_is_lines(path: Path, compression: Optional[str]) -> bool:
-    opener = gzip.open if compression else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        first = f.readline().strip()
-    return first.startswith("{")
+_READ_ERRORS = (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError)
 
 
 class InputFile:
@@ -212,14 +208,18 @@ class InputFile:
         self.ids_decided = self.kind != "jsonl"
         self.id_kind: Optional[str] = None  # JSONL: int, float or str, from the first id
         self._frame = None
-        if self.kind in ("csv", "tsv"):
-            self._check_columns(self._csv_header())
-        elif self.kind == "parquet":
-            import pyarrow.parquet as pq
+        try:
+            if self.kind in ("csv", "tsv"):
+                names = self._csv_header()
+            elif self.kind == "parquet":
+                import pyarrow.parquet as pq
 
-            meta = pq.ParquetFile(self.path)
-            self.total_rows = meta.metadata.num_rows
-            self._check_columns(meta.schema_arrow.names)
+                with pq.ParquetFile(self.path) as meta:
+                    self.total_rows, names = meta.metadata.num_rows, meta.schema_arrow.names
+        except _READ_ERRORS as exc:
+            raise self._unreadable(exc) from None
+        if self.kind in ("csv", "tsv", "parquet"):
+            self._check_columns(names)
         elif self.kind in ("pickle", "json"):
             self._frame = read_table(self.path, allow_pickle=allow_pickle)
             self.total_rows = len(self._frame)
@@ -236,6 +236,13 @@ class InputFile:
         if self.id_column is not None and self.id_column not in names:
             raise LorafitError(f"{self.path}: no id column '{self.id_column}' (columns: {', '.join(names)})")
 
+    def _unreadable(self, exc: Exception) -> LorafitError:
+        """A failure of the whole file (not of one row) as one line: what the reader said, and what to do."""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, UnicodeDecodeError) or "UTF8" in reason:
+            reason = "not valid UTF-8 text; re-save the file as UTF-8"
+        return LorafitError(f"{self.path}: could not be read as {self.kind} ({reason})")
+
     # --- pieces -----------------------------------------------------------------------------------------
     def pieces(self, chunk_rows: int) -> Iterator[Piece]:
         try:
@@ -247,13 +254,8 @@ class InputFile:
                 yield from self._line_pieces(chunk_rows)
             else:
                 yield from self._frame_pieces(chunk_rows)
-        except LorafitError:
-            raise
-        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, UnicodeDecodeError) or "UTF8" in reason:
-                reason = "not valid UTF-8 text; re-save the file as UTF-8"
-            raise LorafitError(f"{self.path}: could not be read as {self.kind} ({reason})") from None
+        except _READ_ERRORS as exc:
+            raise self._unreadable(exc) from None
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         """Chunks of exactly chunk_rows rows (the last one shorter), rows counted whether readable or not, so that
@@ -281,38 +283,25 @@ class InputFile:
         return ids.cast(ids.type.value_type) if pa.types.is_dictionary(ids.type) else ids
 
     def _csv_header(self) -> list[str]:
-        with self._csv_reader(None) as reader:
-            return reader.schema.names
+        with pa.OSFile(str(self.path)) as raw:
+            return self._open_csv(raw, None).schema.names
 
-    def _csv_reader(self, names: Optional[list[str]], handler: Optional[Callable] = None, raw=None):
-        import contextlib
-
+    def _open_csv(self, raw, names: Optional[list[str]], handler: Optional[Callable] = None):
         import pyarrow.csv as pacsv
 
-        @contextlib.contextmanager
-        def opened():
-            own = raw is None
-            f = raw if raw is not None else pa.OSFile(str(self.path))
-            stream = pa.CompressedInputStream(f, "gzip") if self.compression else f
-            try:
-                yield pacsv.open_csv(
-                    stream,
-                    # one thread: bad rows are then reported in file order, with their row numbers
-                    read_options=pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
-                    parse_options=pacsv.ParseOptions(
-                        delimiter="\t" if self.kind == "tsv" else ",", newlines_in_values=True,
-                        # an empty line is a row (a blank text in a one-column file), not skipped: IDs never shift
-                        ignore_empty_lines=False, invalid_row_handler=handler or (lambda row: "skip")),
-                    # every column as text ("007" stays "007"); an empty cell or "" is an empty string, not null
-                    convert_options=pacsv.ConvertOptions(
-                        column_types={n: pa.string() for n in names} if names else None,
-                        strings_can_be_null=False, quoted_strings_can_be_null=False),
-                )
-            finally:
-                if own:
-                    f.close()
-
-        return opened()
+        return pacsv.open_csv(
+            pa.CompressedInputStream(raw, "gzip") if self.compression else raw,
+            # one thread: bad rows are then reported in file order, with their row numbers
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t" if self.kind == "tsv" else ",", newlines_in_values=True,
+                # an empty line is a row (a blank text in a one-column file), not skipped: IDs never shift
+                ignore_empty_lines=False, invalid_row_handler=handler or (lambda row: "skip")),
+            # every column as text ("007" stays "007"); an empty cell or "" is an empty string, not null
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names} if names else None,
+                strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
 
     def _csv_pieces(self) -> Iterator[Piece]:
         names = self._csv_header()
@@ -324,17 +313,13 @@ class InputFile:
 
         needed = list(dict.fromkeys(self.text_columns + ([self.id_column] if self.id_column else [])))
         cursor = (0, 2 + sum(n.count("\n") for n in names))  # (next row, its line): the header is line 1
-        raw = pa.OSFile(str(self.path))
-        try:
-            with self._csv_reader(names, on_invalid, raw) as reader:
-                for batch in reader:
-                    piece, cursor = _csv_piece(batch.select(needed), batch, pending, cursor, raw.tell(), final=False)
-                    yield piece
-                if pending:  # bad rows after the last readable one
-                    empty = pa.record_batch([pa.array([], pa.string()) for _ in needed], names=needed)
-                    yield _csv_piece(empty, empty, pending, cursor, raw.tell(), final=True)[0]
-        finally:
-            raw.close()
+        with pa.OSFile(str(self.path)) as raw:
+            for batch in self._open_csv(raw, names, on_invalid):
+                piece, cursor = _csv_piece(batch.select(needed), batch, pending, cursor, raw.tell(), final=False)
+                yield piece
+            if pending:  # bad rows after the last readable one
+                empty = pa.record_batch([pa.array([], pa.string()) for _ in needed], names=needed)
+                yield _csv_piece(empty, empty, pending, cursor, raw.tell(), final=True)[0]
 
     def _parquet_pieces(self, chunk_rows: int) -> Iterator[Piece]:
         import pyarrow.parquet as pq
