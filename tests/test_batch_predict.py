@@ -301,3 +301,18 @@ def test_whole_file_problems_are_one_line(clf, tmp_path):
         run(clf, tmp_path / "in.pkl", out)
     with pytest.raises(LorafitError, match=r"\.csv or \.parquet"):
         run(clf, tmp_path / "other.csv", tmp_path / "out.xlsx")
+
+
+def test_input_data_config_defaults_to_the_runs_columns(run_copy):
+    from types import SimpleNamespace
+
+    from lorafit.batch_predict import input_data_config
+    from lorafit.config import Config
+
+    cfg = Config.from_yaml(run_copy / "config.yaml")
+    cfg.data.text_column = "body"  # as if the run had been trained on a file whose text column is 'body'
+    cfg.to_yaml(run_copy / "config.yaml")
+    clf = SimpleNamespace(run_dir=run_copy)
+    assert input_data_config(clf).text_column == "body" and not input_data_config(clf).allow_pickle
+    both = input_data_config(clf, "title, description", allow_pickle=True)
+    assert both.text_columns == ["title", "description"] and both.allow_pickle

@@ -809,6 +809,19 @@ def _consistent(state: dict[str, Any], paths: dict[str, Path], parquet: bool) ->
     return parts_ok and bad_ok
 
 
+def input_data_config(clf, text_column: Optional[str] = None, allow_pickle: bool = False) -> DataConfig:
+    """The DataConfig that `predict_file` reads an input with: `text_column` (comma-separated: several columns
+    joined with a space), else the run's own text column(s); allow_pickle as given, never taken from the run (that
+    the training file was a trusted pickle says nothing of this input)."""
+    if text_column:
+        columns = [c.strip() for c in text_column.split(",") if c.strip()]
+    else:
+        columns = _text_columns(clf, None)
+    if len(columns) > 1:
+        return DataConfig(text_columns=columns, allow_pickle=allow_pickle)
+    return DataConfig(text_column=columns[0], allow_pickle=allow_pickle)
+
+
 def _text_columns(clf, data: Optional[DataConfig]) -> list[str]:
     if data is not None:
         return list(data.text_columns or [data.text_column])
@@ -826,8 +839,9 @@ def predict_file(clf, input: str | Path, output: str | Path, cfg: Optional[Predi
     """Predict every row of `input` into `output` (.csv: ID,Label[,prob_<class>...]; .parquet), chunk by chunk.
 
     cfg: the options of `lorafit predict` (PredictConfig: id_column, labels, probabilities, chunk_rows,
-    on_bad_row, resume); engine must be 'local' here. data: text_column / text_columns and allow_pickle; by
-    default the run's text column(s) and no pickle (a run trained from a pickle does not make new pickles safe).
+    on_bad_row, resume); engine must be 'local' here. data: text_column / text_columns and allow_pickle
+    (`input_data_config` makes it from --text-column and --allow-pickle); by default the run's text column(s) and
+    no pickle. A .txt input is one text per line whatever the text column.
     console: a rich Console for the progress bar and the summary line (default: stderr). progress: draw the bar
     (default: when the console is a terminal). Returns the summary, also printed as one line."""
     from rich.console import Console
