@@ -916,7 +916,7 @@ def _run(clf, src: InputFile, output: Path, cfg: PredictConfig, text_columns: li
         with bar:
             for chunk in src.chunks(cfg.chunk_rows):
                 if chunk.index < done:  # completed by the interrupted run: read again (cheap), not predicted
-                    bar.advance(chunk, summary.rows)
+                    bar.advance(chunk, chunk.end, 0)
                     continue
                 chunk = _long_text_rows(chunk, text_columns)
                 if chunk.bad and cfg.on_bad_row == "stop":
@@ -946,7 +946,7 @@ def _run(clf, src: InputFile, output: Path, cfg: PredictConfig, text_columns: li
                     "bytes": written if not parquet else None, "bad_bytes": bad_bytes,
                     "blank_rows": summary.blank_rows, "bad_rows": summary.bad_rows,
                     "label_counts": summary.label_counts})
-                bar.advance(chunk, summary.rows)
+                bar.advance(chunk, summary.rows, summary.predicted - summary.resumed_from_row)
         if summary.rows == 0:
             raise LorafitError(f"{src.path}: no rows to predict")
         if sink is None:  # every chunk was done by the interrupted run: reopen what it wrote
@@ -1004,9 +1004,10 @@ class _Progress:
             self.task = self.progress.add_task("predict", total=total, rows=0, rate=0.0)
         return self
 
-    def advance(self, chunk: Chunk, rows: int) -> None:
+    def advance(self, chunk: Chunk, rows: int, predicted_now: int) -> None:
+        """rows: rows of the file behind us; predicted_now: those this call predicted (not a resumed run's)."""
         if self.progress is not None:
-            rate = rows / max(time.perf_counter() - self.t0, 1e-9)
+            rate = predicted_now / max(time.perf_counter() - self.t0, 1e-9)
             self.progress.update(self.task, completed=rows if self.by_rows else chunk.position, rows=rows, rate=rate)
 
     def __exit__(self, *exc):
