@@ -124,7 +124,9 @@ def measure(name: str, run: Path, input: Path, chunk_rows: int, threads: int) ->
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         cmd = [sys.executable, __file__, "--child", name, "--run", str(run), "--input", str(input),
                "--output", str(Path(tmp) / "preds.csv"), "--chunk-rows", str(chunk_rows), "--threads", str(threads)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} on {input} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -316,3 +316,14 @@ def test_input_data_config_defaults_to_the_runs_columns(run_copy):
     assert input_data_config(clf).text_column == "body" and not input_data_config(clf).allow_pickle
     both = input_data_config(clf, "title, description", allow_pickle=True)
     assert both.text_columns == ["title", "description"] and both.allow_pickle
+
+
+def test_parquet_cells_that_are_not_text(clf, tmp_path):
+    src = tmp_path / "in.parquet"
+    pd.DataFrame({"text": [1, None, 3]}).astype("Int64").to_parquet(src)
+    out = tmp_path / "out.csv"
+    with pytest.raises(LorafitError, match=r"in.parquet: row 1: field 'text' is int64, not text; fix the row"):
+        run(clf, src, out)
+    summary, _ = run(clf, src, out, on_bad_row="skip")
+    assert list(pd.read_csv(out)["ID"]) == [1] and summary.blank_rows == 1 and summary.bad_rows == 2
+    assert list(pd.read_csv(partial_paths(out)["bad"])["row"]) == [0, 2]

@@ -51,8 +51,10 @@ STATE_VERSION = 1
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 # rows per Parquet row group of the output, whatever chunk_rows is: the file's bytes then do not depend on chunking
 ROW_GROUP_ROWS = 65_536
-# bytes per block of the CSV reader: bounds its memory; a single row must fit in one block
-CSV_BLOCK_BYTES = 4 << 20
+# bytes per block of the CSV reader. Its I/O thread reads dozens of blocks ahead, so its memory is a multiple of
+# this: with 4 MiB blocks a 240 MB file held ~100 MB more than a 24 MB one, with 1 MiB blocks 12 MB more (measured
+# with a stub classifier, bench/out). A single row must fit in one block.
+CSV_BLOCK_BYTES = 1 << 20
 
 
 # --- labels and the per-chunk step ---------------------------------------------------------------------------
@@ -78,12 +80,18 @@ def output_schema(clf, cfg: PredictConfig, id_type: pa.DataType) -> pa.Schema:
     return pa.schema(fields)
 
 
+def is_text_type(t: pa.DataType) -> bool:
+    """A column type whose cells are strings (or all null)."""
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
+
+
 def table_texts(table: pa.Table, text_columns: Sequence[str]) -> list[str]:
     """The text of every row: the text columns joined with a space; a null cell counts as an empty string."""
     cols = []
     for name in text_columns:
         col = table.column(name)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        if not is_text_type(col.type):
             raise LorafitError(f"field '{name}' is {col.type}, not text; choose the text column with --text-column")
         cols.append(["" if v is None else v for v in col.to_pylist()])
     if len(cols) == 1:
@@ -241,6 +249,9 @@ class InputFile:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, UnicodeDecodeError) or "UTF8" in reason:
             reason = "not valid UTF-8 text; re-save the file as UTF-8"
+        elif "straddling" in reason:  # pyarrow: a row longer than the reader's block
+            reason = (f"a row is over {CSV_BLOCK_BYTES >> 20} MiB; is this the right file? (a text that long is a "
+                      "damaged file or a wrong column)")
         return LorafitError(f"{self.path}: could not be read as {self.kind} ({reason})")
 
     # --- pieces -----------------------------------------------------------------------------------------
@@ -336,7 +347,7 @@ class InputFile:
                     col = table.column(name)
                     if pa.types.is_dictionary(col.type):
                         col = col.cast(col.type.value_type)
-                    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type):
+                    if is_text_type(col.type):
                         table = table.set_column(table.schema.get_field_index(name), name, col.cast(pa.string()))
                         continue
                     valid = col.is_valid().to_numpy(zero_copy_only=False)
@@ -537,6 +548,8 @@ def _id_kind(value) -> Optional[str]:
 
 def _cut(index, start, end, tables, rows, bad, position):
     """Chunk [start, end) out of the buffered pieces; what follows `end` stays buffered."""
+    # a piece without readable rows may lack a column the others have (JSONL before its first object)
+    tables = [t for t in tables if t.num_rows] or tables[-1:]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     all_rows = np.concatenate(rows) if len(rows) > 1 else rows[0]
     cut = int(np.searchsorted(all_rows, end))
