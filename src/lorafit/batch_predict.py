@@ -53,7 +53,7 @@ OUTPUT_SUFFIXES = (".csv", ".parquet")
 ROW_GROUP_ROWS = 65_536
 # bytes per block of the CSV reader. Its I/O thread reads dozens of blocks ahead, so its memory is a multiple of
 # this: with 4 MiB blocks a 240 MB file held ~100 MB more than a 24 MB one, with 1 MiB blocks 12 MB more (measured
-# with a stub classifier, bench/out). A single row must fit in one block.
+# with a stub classifier in place of the model; docs/batch.md). A single row must fit in one block.
 CSV_BLOCK_BYTES = 1 << 20
 
 
