@@ -327,3 +327,42 @@ def test_parquet_cells_that_are_not_text(clf, tmp_path):
     summary, _ = run(clf, src, out, on_bad_row="skip")
     assert list(pd.read_csv(out)["ID"]) == [1] and summary.blank_rows == 1 and summary.bad_rows == 2
     assert list(pd.read_csv(partial_paths(out)["bad"])["row"]) == [0, 2]
+
+
+def test_resume_after_the_process_is_killed(tiny_run, clf, texts, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"text": texts}).to_csv(src, index=False)
+    whole, out = tmp_path / "whole.csv", tmp_path / "out.csv"
+    run(clf, src, whole, chunk_rows=2, probabilities=True)
+    # a child predicting slowly (0.2 s a chunk), killed with SIGKILL once it has completed 3 chunks
+    script = f"""
+import io, time, lorafit
+from rich.console import Console
+from lorafit.batch_predict import predict_file
+from lorafit.config import PredictConfig
+clf = lorafit.load({str(tiny_run)!r}, backend="torch")
+slow = clf.predict_proba
+clf.predict_proba = lambda texts, allow_blank=False: (time.sleep(0.2), slow(texts, allow_blank=allow_blank))[1]
+predict_file(clf, {str(src)!r}, {str(out)!r}, PredictConfig(chunk_rows=2, probabilities=True),
+             console=Console(file=io.StringIO()))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env)
+    state = partial_paths(out)["state"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["chunks_done"] >= 3:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the child ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not out.exists()
+    summary, _ = run(clf, src, out, chunk_rows=2, probabilities=True)
+    assert summary.resumed_from_row >= 6 and out.read_bytes() == whole.read_bytes()
