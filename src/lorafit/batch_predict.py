@@ -440,7 +440,6 @@ class _RowBuilder:
         self.rows: list[int] = []
         self.bad: list[BadRow] = []
         self.size = 0
-        self.start = 0
 
     def add_line(self, row: int, data: bytes) -> None:
         self.size += 1
