@@ -90,20 +90,23 @@ class Classifier:
         self.backend = backend or TorchBackend(model, device, autocast)
         self.tfidf = tfidf  # the run's TF-IDF model (tfidf.TfidfModel), blended into every prediction; or None
 
-    def _texts(self, texts: Sequence[str]) -> list[str]:
+    def _texts(self, texts: Sequence[str], allow_blank: bool = False) -> list[str]:
         if isinstance(texts, str):
             raise LorafitError("predict takes a list of texts, not a single string: wrap it as [text]")
         out = []
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            # a blank text is refused by default (usually a wrong column); batch prediction of a file asks for the
+            # model's answer to it instead, so that every input row keeps its output row (issue 24)
+            if not isinstance(t, str) or (not allow_blank and not t.strip()):
                 raise LorafitError(f"text {i}: empty or not a string; every input needs some text")
             out.append(clean_text(t) if self.clean else t)
         return out
 
-    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+    def decision_function(self, texts: Sequence[str], allow_blank: bool = False) -> np.ndarray:
         """Logits, shape (n_texts, n_classes): the encoder's, or with a TF-IDF model the log of the blended
-        probabilities (what the run's test metrics measured)."""
-        texts = self._texts(texts)
+        probabilities (what the run's test metrics measured). allow_blank: accept empty or whitespace texts
+        (the tokenizer's special tokens alone) instead of refusing them."""
+        texts = self._texts(texts, allow_blank)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         enc = encode(self.tokenizer, texts, self.max_length)
@@ -111,13 +114,13 @@ class Classifier:
         logits = self.backend.logits(enc, self.batch_size, pad)
         return self.tfidf.blend(logits, texts) if self.tfidf is not None else logits
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str], allow_blank: bool = False) -> np.ndarray:
         """Class probabilities, shape (n_texts, n_classes), columns in `classes_` order."""
-        return softmax(self.decision_function(texts))
+        return softmax(self.decision_function(texts, allow_blank))
 
-    def predict(self, texts: Sequence[str]) -> np.ndarray:
+    def predict(self, texts: Sequence[str], allow_blank: bool = False) -> np.ndarray:
         """Label names, one per text."""
-        return self.classes_[self.decision_function(texts).argmax(-1)]
+        return self.classes_[self.decision_function(texts, allow_blank).argmax(-1)]
 
 
 def resolve_backend(run_dir: Path, backend: str, device: str = "cpu") -> tuple[str, Optional[Path]]:
