@@ -821,14 +821,13 @@ def _consistent(state: dict[str, Any], paths: dict[str, Path], parquet: bool) ->
     return parts_ok and bad_ok
 
 
-def input_data_config(clf, text_column: Optional[str] = None, allow_pickle: bool = False) -> DataConfig:
-    """The DataConfig that `predict_file` reads an input with: `text_column` (comma-separated: several columns
-    joined with a space), else the run's own text column(s); allow_pickle as given, never taken from the run (that
-    the training file was a trusted pickle says nothing of this input)."""
-    if text_column:
-        columns = [c.strip() for c in text_column.split(",") if c.strip()]
-    else:
-        columns = _text_columns(clf, None)
+def input_data_config(clf, text_column=None, allow_pickle: bool = False) -> DataConfig:
+    """The DataConfig that an input file is read with (predict, evaluate): `text_column` (a list, or a string
+    with commas: several columns joined with a space), else the run's own text column(s); allow_pickle as given,
+    never taken from the run (that the training file was a trusted pickle says nothing of this input)."""
+    if isinstance(text_column, str):
+        text_column = [c.strip() for c in text_column.split(",") if c.strip()]
+    columns = list(text_column) if text_column else _text_columns(clf, None)
     if len(columns) > 1:
         return DataConfig(text_columns=columns, allow_pickle=allow_pickle)
     return DataConfig(text_column=columns[0], allow_pickle=allow_pickle)

@@ -447,17 +447,12 @@ def load_classifier(run: Path, flags: dict[str, Any]):
                 allow_different_base=opts.allow_different_base)
 
 
-def input_columns(clf, path: Path, read: DataConfig) -> list[str]:
-    """--text-columns, else --text-column, else the run's own text column(s); a .txt file is one text per line."""
-    if path.name.lower().endswith(".txt"):
-        return ["text"]
-    if read.text_columns:
-        return read.text_columns
-    given = "text_column" in read.model_fields_set
-    if given:
-        return [read.text_column]
-    data = Config.from_yaml(clf.run_dir / "config.yaml").data
-    return data.text_columns or [data.text_column]
+def input_data(clf, read: DataConfig) -> DataConfig:
+    """How an input file is read: --text-columns, else --text-column, else the run's own text column(s)."""
+    from .batch_predict import input_data_config
+
+    given = read.text_columns or ([read.text_column] if "text_column" in read.model_fields_set else None)
+    return input_data_config(clf, given, allow_pickle=read.allow_pickle)
 
 
 def read_config(flags: dict[str, Any], names=READ_FIELDS) -> DataConfig:
@@ -495,46 +490,37 @@ def classify(run: Path, texts: list[str], as_json: bool = False, **flags) -> Non
         out.print("  " + "  ".join(f"{escape(n)} {p:.3f}" for n, p in ranked[:8]), style="dim")
 
 
-@command("predict", "Predict a file of texts into a leaderboard CSV.", "Predict a file (csv, tsv, jsonl, json, parquet; txt: one text per line; pkl with "
-         "--allow-pickle) into a CSV with columns ID,Label, as leaderboards expect.")
+@command("predict", "Predict a file of texts, of any size, into a CSV or Parquet file.",
+         "Predict a file (csv, tsv, jsonl, parquet, optionally .gz; json; txt: one text per line; pkl with "
+         "--allow-pickle) into a CSV with columns ID,Label, as leaderboards expect, or a Parquet file. It streams in "
+         "chunks, so memory does not grow with the file; an interrupted prediction continues where it stopped "
+         "when run again. --engine ray predicts a folder or glob of files across a Ray cluster.")
 @cli_errors
 @with_signature([
     run_argument(),
-    input_option("File of texts to classify."),
-    output_option("CSV to write: ID,Label (and a prob_<class> column per class with --probabilities)."),
+    input_option("File of texts to classify (--engine ray: a file, folder or glob)."),
+    output_option("CSV or Parquet file to write: ID,Label (and a prob_<class> column per class with "
+                  "--probabilities); --engine ray: a folder of shards."),
     *read_options(),
     *schema_options(PredictConfig, ("id_column", "labels", "probabilities"), panel="output"),
+    *schema_options(PredictConfig, ("chunk_rows", "on_bad_row", "resume"), panel="streaming"),
     *inference_options(),
+    *schema_options(PredictConfig, ("engine", "ray_address", "workers", "gpus_per_worker"), panel="engine",
+                    flags={"ray_address": ("--address", "--ray-address")}),
 ])
 def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
-    import io
-    import time
-
-    import pandas as pd
-
-    from .fileio import atomic_write_text
-    from .predict import input_texts, read_inputs, row_ids
-
     read = read_config(flags)
     opts = build(PredictConfig, pop_fields(flags, PredictConfig))
+    if opts.engine == "ray":
+        from .ray_predict import predict_with_ray
+
+        inference = build(InferenceConfig, pop_fields(flags, InferenceConfig))
+        predict_with_ray(run, input, output, opts, inference, read, console=err)
+        return
+    from .batch_predict import predict_file as predict_in_chunks
+
     clf = load_classifier(run, flags)
-    df = read_inputs(input, allow_pickle=read.allow_pickle)
-    texts = input_texts(df, input_columns(clf, input, read), str(input))
-    ids = row_ids(df, opts.id_column, str(input))
-    t0 = time.perf_counter()
-    probs = clf.predict_proba(texts)
-    seconds = time.perf_counter() - t0
-    pred = probs.argmax(-1)
-    out = pd.DataFrame({"ID": ids, "Label": clf.classes_[pred] if opts.labels == "name" else pred})
-    if opts.probabilities:
-        for j, name in enumerate(clf.classes_):
-            out[f"prob_{name}"] = probs[:, j].round(6)
-    buf = io.StringIO()
-    out.to_csv(buf, index=False)
-    atomic_write_text(output, buf.getvalue())
-    counts = ", ".join(f"{n} {c}" for n, c in out["Label"].value_counts().sort_index().items())
-    err.print(f"wrote {len(out)} predictions to {output} ({clf.backend.name} on {clf.device}, "
-              f"{len(texts) / max(seconds, 1e-9):.0f} texts/s); labels: {counts}", highlight=False, soft_wrap=True)
+    predict_in_chunks(clf, input, output, opts, input_data(clf, read), console=err)
 
 
 @command("evaluate", "Metrics, plots and errors of a run on a labelled file.", "Metrics of a run on any labelled file: the same metrics as training's test split.")
@@ -566,8 +552,9 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
         raise LorafitError("evaluate: give the labelled file to evaluate on with -i FILE")
     read = read_config(flags)
     clf = load_classifier(run, flags)
-    df = read_inputs(input, allow_pickle=read.allow_pickle)
-    texts = input_texts(df, input_columns(clf, input, read), str(input))
+    data = input_data(clf, read)
+    df = read_inputs(input, allow_pickle=data.allow_pickle)
+    texts = input_texts(df, data.text_columns or [data.text_column], str(input))
     data_cfg = Config.from_yaml(clf.run_dir / "config.yaml").data
     if "label_column" in read.model_fields_set:
         data_cfg = data_cfg.model_copy(update={"label_column": read.label_column})
