@@ -169,6 +169,15 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(tiny_run, ray
     assert got["Label"].tolist() == [names.index(n) for n in labels]
 
 
+def test_a_bad_row_in_an_actor_is_one_line_naming_its_id(tiny_run, ray_cluster, tmp_path):
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["Stocks rally", "   ", "Oil falls"]}).to_json(
+        tmp_path / "in.jsonl", orient="records", lines=True)
+    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=1)
+    with pytest.raises(LorafitError) as err:
+        predict_with_ray(tiny_run, tmp_path / "in.jsonl", tmp_path / "out", cfg)
+    assert str(err.value) == "--input, the row with ID 'b': field 'text' is empty; remove the row or fill it in"
+
+
 def test_input_and_output_checks_are_one_line(tiny_run, tmp_path):
     with pytest.raises(LorafitError, match="no such file or folder"):
         input_files(tmp_path / "missing")

@@ -43,7 +43,18 @@ def predict_rows(clf, rows: pd.DataFrame, text_columns: list[str], id_column: st
     """Input rows -> ID, Label[, prob_<class>...]: the columns and values `lorafit predict` writes."""
     from .predict import input_texts
 
-    probs = clf.predict_proba(input_texts(rows, text_columns, "input"))
+    try:
+        texts = input_texts(rows, text_columns, "input")
+    except LorafitError:
+        # the message counts rows within this batch; name the bad row by its ID instead (error path only)
+        for k in range(len(rows)):
+            try:
+                input_texts(rows.iloc[k:k + 1], text_columns, "")
+            except LorafitError as exc:
+                detail = str(exc).split(": ", 2)[-1]  # after the origin and 'row 1'
+                raise LorafitError(f"--input, the row with ID {rows[id_column].iloc[k]!r}: {detail}") from None
+        raise
+    probs = clf.predict_proba(texts)
     pred = probs.argmax(-1)
     out = pd.DataFrame({"ID": rows[id_column].to_numpy(),
                         "Label": clf.classes_[pred] if cfg.labels == "name" else pred})
@@ -103,7 +114,8 @@ def input_files(spec: str | Path) -> tuple[list[str], str]:
     kinds = {Path(f).suffix.lower() for f in files}
     unknown = sorted(k for k in kinds if k not in READERS)
     if unknown:
-        raise LorafitError(f"--input {spec}: the ray engine reads {', '.join(READERS)} files, not {unknown[0] or 'files without a suffix'}")
+        raise LorafitError(f"--input {spec}: the ray engine reads {', '.join(READERS)} files, "
+                           f"not {unknown[0] or 'files without a suffix'}")
     readers = {READERS[k] for k in kinds}
     if len(readers) > 1:
         raise LorafitError(f"--input {spec}: mixes {' and '.join(sorted(kinds))} files; give one kind at a time")
@@ -213,6 +225,11 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         ray.init(address=cfg.ray_address, **init)
     t0 = time.perf_counter()
     try:
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        if cfg.workers * cpus_per_worker >= cpus:
+            # actors holding every CPU leave none to the read and write tasks: Ray Data would wait forever
+            raise LorafitError(f"--workers {cfg.workers} x {cpus_per_worker:g} CPU each take all {cpus:g} CPUs of the "
+                               "Ray cluster and leave none for reading and writing; use fewer workers")
         ds = _read(ray, files, reader)
         columns = ds.columns()
         origin = f"--input {input}"
@@ -224,11 +241,6 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         if id_col is None:
             ds, id_col = _numbered(ray, ds), ROW_NUMBER
         ds = ds.select_columns(list(dict.fromkeys([*texts, id_col])))
-        cpus = float(ray.cluster_resources().get("CPU", 0))
-        if cfg.workers * cpus_per_worker >= cpus:
-            # actors holding every CPU leave none to the read and write tasks: Ray Data would wait forever
-            raise LorafitError(f"--workers {cfg.workers} x {cpus_per_worker:g} CPU each take all {cpus:g} CPUs of the "
-                               "Ray cluster and leave none for reading and writing; use fewer workers")
         gpu = cfg.gpus_per_worker > 0
         # Ray Data restarts an actor that died (lost node, OOM kill) and retries its batch: its defaults for actor
         # pools, which the tests check; the remote options to change them are deprecated from Ray 2.60
@@ -238,6 +250,9 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
             fn_constructor_kwargs=dict(run_dir=str(run_dir), text_columns=texts, id_column=id_col, cfg=cfg,
                                        inference=inference),
             num_gpus=cfg.gpus_per_worker if gpu else None, num_cpus=cpus_per_worker)
+        # an actor's LorafitError (a bad row) reaches here as itself, not as Ray Data's UserCodeException, which
+        # keeps only its text; set on this dataset's own context, not the process's
+        preds.context.raise_original_map_exception = True
         out.mkdir(parents=True, exist_ok=True)
         if output_format == "csv":
             preds.write_csv(str(out))
