@@ -6,12 +6,14 @@ The predictions of two actors over sharded input must equal `lorafit.load(run).p
 actor killed in the middle of a batch is restarted by Ray and its batch retried: no row lost, none twice."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,31 +51,28 @@ def ray_cluster(tmp_path_factory):
              "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
              "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
              "--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port())]
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", "200000000",
-                             "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp), *ports],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = temp / "head.log"  # a file, not a pipe: nobody need drain it while the tests run
+    with log.open("w") as sink:
+        head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                                 "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory",
+                                 "200000000", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir",
+                                 str(temp), *ports], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        lines = []
         deadline = time.time() + 120
-        for line in head.stdout:  # --block prints this once the node is up, then waits
-            lines.append(line)
-            if "Ray runtime started" in line:
-                break
-            assert time.time() < deadline, "".join(lines)[-3000:]
-        assert head.poll() is None, "".join(lines)[-3000:]
-        yield SimpleCluster(f"127.0.0.1:{port}", marker_dir)
+        while "Ray runtime started" not in log.read_text():  # --block prints this once the node is up, then waits
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield Cluster(f"127.0.0.1:{port}", marker_dir)
     finally:
         _end_group(head)
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
 
 
-class SimpleCluster:
-    def __init__(self, address: str, marker_dir: Path):
-        self.address, self.marker_dir = address, marker_dir
+@dataclass
+class Cluster:
+    address: str
+    marker_dir: Path  # where KillOnce leaves its marker
 
 
 def _end_group(proc: subprocess.Popen) -> None:
@@ -159,8 +158,9 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(tiny_run, ray
     marker = ray_cluster.marker_dir / "killed"
     marker.unlink(missing_ok=True)
     cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=2, chunk_rows=500, labels="id")
-    predict_with_ray(tiny_run, tmp_path / "in" / "shard-*.csv", tmp_path / "out", cfg, InferenceConfig(batch_size=BATCH),
-                     predictor=KillOnce, cpus_per_worker=0.5, output_format="parquet")
+    predict_with_ray(tiny_run, tmp_path / "in" / "shard-*.csv", tmp_path / "out", cfg,
+                     InferenceConfig(batch_size=BATCH), predictor=KillOnce, cpus_per_worker=0.5,
+                     output_format="parquet")
     assert marker.is_file(), "the marked batch was never reached: the test would prove nothing"
     got = read_predictions(tmp_path / "out")
     assert got["ID"].tolist() == sorted(ids)  # every row once

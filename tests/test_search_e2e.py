@@ -172,8 +172,8 @@ def _start_together(tiny_model_dir, tmp_path, urls: list[str]) -> None:
     sync.mkdir()
     worker = Path(__file__).with_name("search_race_worker.py")
     procs = [subprocess.Popen([sys.executable, str(worker), str(cfg_path), str(sync), str(i), *urls],
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(RACE_WORKERS)]
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(RACE_WORKERS)]
     try:
         for round_, url in enumerate(urls):
             deadline = time.time() + 300
