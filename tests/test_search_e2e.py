@@ -171,3 +171,56 @@ def test_two_workers_share_a_postgresql_study(tiny_model_dir, tmp_path, postgres
         _finish(w)
     study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url, 1))
     _assert_each_trial_ran_once(study, tmp_path / "searches" / "pg", 3)
+
+
+# --- workers started together on a new storage ----------------------------------------------------------------
+RACE_WORKERS, RACE_ROUNDS = 4, 3  # rounds per storage
+
+
+def _start_together(tiny_model_dir, tmp_path, urls: list[str]) -> None:
+    """RACE_WORKERS processes, each importing first and then released by a start file once per storage in `urls`,
+    open the study as `lorafit search` does and add a trial: all must join the one study of every round (issue 26:
+    one exited 2 with 'table studies already exists')."""
+    cfg_path = _search_yaml(tiny_model_dir, tmp_path)
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    worker = Path(__file__).with_name("search_race_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(cfg_path), str(sync), str(i), *urls],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(RACE_WORKERS)]
+    try:
+        for round_, url in enumerate(urls):
+            deadline = time.time() + 300
+            while sum((sync / f"ready-{round_}-{i}").exists() for i in range(RACE_WORKERS)) < RACE_WORKERS:
+                assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs if p.poll()]
+                assert time.time() < deadline, "the workers did not all get ready"
+                time.sleep(0.01)
+            (sync / f"go-{round_}").touch()
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for round_, url in enumerate(urls):
+        results = [(sync / f"result-{round_}-{i}").read_text() for i in range(RACE_WORKERS)]
+        assert results == ["ok"] * RACE_WORKERS, f"round {round_}: {results}"
+        study = optuna.load_study(study_name="bars", storage=open_storage(url, 1))
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * RACE_WORKERS, f"round {round_}"
+    assert [p.returncode for p in procs] == [0] * RACE_WORKERS, [o[-2000:] for o in outputs]
+
+
+def test_workers_started_together_join_one_study(tiny_model_dir, tmp_path, postgres_url):
+    """SQLite (one machine) and PostgreSQL (many machines), each a new storage per round; one set of worker processes
+    goes through all the rounds, so the test pays for their imports once."""
+    import psycopg2
+
+    base, _, _ = postgres_url.rpartition("/")
+    names = [f"race_{os.getpid()}_{r}" for r in range(RACE_ROUNDS)]
+    conn = psycopg2.connect(postgres_url)
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"CREATE DATABASE {name}")
+    conn.close()
+    _start_together(tiny_model_dir, tmp_path, [f"sqlite:///{tmp_path / f'study-{r}.db'}" for r in range(RACE_ROUNDS)]
+                    + [f"{base}/{name}" for name in names])

@@ -210,8 +210,28 @@ def _no_experimental_warnings():
         yield
 
 
+SCHEMA_RACE_ATTEMPTS = 8  # opening attempts while other workers create Optuna's tables; 5-8 s of backoff in all
+
+
+def _schema_race(exc: Exception) -> bool:
+    """True for the errors of workers started together on a new storage racing to create Optuna's tables and its
+    first rows: the loser's CREATE TABLE finds the table made ('table studies already exists' in SQLite, 'relation
+    ... already exists' or a duplicate key in pg_type in PostgreSQL), or its insert of the schema version collides.
+    An unreachable server or a wrong URL is none of these and fails at once."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in str(exc)
+
+
 def open_storage(url: str, heartbeat_seconds: int):
-    """Optuna's RDBStorage with a heartbeat: a trial whose worker died (SIGKILL, lost machine) is marked failed."""
+    """Optuna's RDBStorage with a heartbeat: a trial whose worker died (SIGKILL, lost machine) is marked failed.
+
+    Workers started together on a new storage all open it: one creates the tables, the others retry (bounded, with
+    a jittered backoff so they do not collide again in step) and find them made."""
+    import random
+
     import optuna
 
     kwargs: dict[str, Any] = {}
@@ -221,20 +241,17 @@ def open_storage(url: str, heartbeat_seconds: int):
         kwargs["connect_args"] = {"timeout": 60}
     else:
         kwargs["pool_pre_ping"] = True
-    from sqlalchemy.exc import IntegrityError
-
+    jitter = random.Random()  # its own generator: the process's global random state is the caller's
     try:
-        for attempt in range(5):
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
             try:
                 with _no_experimental_warnings():
                     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
                                                       grace_period=2 * heartbeat_seconds)
-            except IntegrityError:
-                # workers started together on an empty database race to create Optuna's tables; the loser
-                # finds them made on its next attempt
-                if attempt == 4:
+            except Exception as exc:  # noqa: BLE001 - sorted by _schema_race; anything else is reported below
+                if attempt == SCHEMA_RACE_ATTEMPTS - 1 or not _schema_race(exc):
                     raise
-                time.sleep(0.5 + attempt)
+                time.sleep(min(2.0, 0.05 * 2 ** attempt) * jitter.uniform(0.5, 1.5))
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend; all mean "cannot open"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LorafitError(f"--storage {_redact(url)}: cannot open the study storage ({type(exc).__name__}: {first}); "
