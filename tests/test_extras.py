@@ -91,6 +91,7 @@ def test_base_install_runs_and_each_extra_is_one_line(tiny_model_dir, tiny_run, 
         "tracking": ["train", str(config), "--report-to", "tensorboard", "--run-name", "tracked"],
         "qlora": ["train", str(config), "--quantize", "4bit", "--run-name", "quantized"],
         "mpnet": ["train", str(config), "--model", "embedded:all-mpnet-base-v2", "--run-name", "mpnet"],
+        "ray": ["predict", run, "-i", str(config), "-o", str(tmp_path / "shards"), "--engine", "ray"],
     }
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(site), "COLUMNS": "80",
            "LORAFIT_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path),
@@ -109,7 +110,7 @@ def test_base_install_runs_and_each_extra_is_one_line(tiny_model_dir, tiny_run, 
         assert results[name]["exit_code"] == 0, (name, results[name])
     assert (tmp_path / "runs" / "run" / "test_metrics.json").is_file()  # trained with the base dependencies alone
     for name, extra in {"serve": "serve", "export": "inference", "search": "search", "tracking": "tracking",
-                        "qlora": "qlora", "mpnet": "mpnet"}.items():
+                        "qlora": "qlora", "mpnet": "mpnet", "ray": "ray"}.items():
         out = results[name]
         assert out["exit_code"] == 2, (name, out)
         assert out["output"].count("\n") == 1 and "Traceback" not in out["output"], (name, out["output"])

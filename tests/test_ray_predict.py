@@ -133,9 +133,10 @@ def test_two_actors_over_parquet_shards_equal_single_process_predict(tiny_run, r
     for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         pd.DataFrame({"text": texts[lo:hi], "source": "x"}).to_parquet(shards / f"part-{k:02d}.parquet")
     (shards / "_SUCCESS").touch()  # a writer's marker file is not input
-    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=2, chunk_rows=1_000, probabilities=True)
-    result = predict_with_ray(tiny_run, shards, tmp_path / "out", cfg, InferenceConfig(batch_size=BATCH),
-                              cpus_per_worker=0.5)  # two actors on the cluster's 2 CPUs leave one to read and write
+    # two actors of half a CPU on the cluster's 2 CPUs leave one to read and write
+    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=2, chunk_rows=1_000, probabilities=True,
+                        cpus_per_worker=0.5)
+    result = predict_with_ray(tiny_run, shards, tmp_path / "out", cfg, InferenceConfig(batch_size=BATCH))
     assert result.files and result.input_files == sorted(str(p) for p in shards.glob("*.parquet"))
 
     got = read_predictions(tmp_path / "out")
@@ -157,10 +158,10 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(tiny_run, ray
         frame.iloc[k * 2_000:(k + 1) * 2_000].to_csv(tmp_path / "in" / f"shard-{k}.csv", index=False)
     marker = ray_cluster.marker_dir / "killed"
     marker.unlink(missing_ok=True)
-    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=2, chunk_rows=500, labels="id")
+    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=2, chunk_rows=500, labels="id",
+                        cpus_per_worker=0.5, shard_format="parquet")
     predict_with_ray(tiny_run, tmp_path / "in" / "shard-*.csv", tmp_path / "out", cfg,
-                     InferenceConfig(batch_size=BATCH), predictor=KillOnce, cpus_per_worker=0.5,
-                     output_format="parquet")
+                     InferenceConfig(batch_size=BATCH), predictor=KillOnce)
     assert marker.is_file(), "the marked batch was never reached: the test would prove nothing"
     got = read_predictions(tmp_path / "out")
     assert got["ID"].tolist() == sorted(ids)  # every row once
@@ -169,13 +170,19 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(tiny_run, ray
     assert got["Label"].tolist() == [names.index(n) for n in labels]
 
 
-def test_a_bad_row_in_an_actor_is_one_line_naming_its_id(tiny_run, ray_cluster, tmp_path):
+def test_a_blank_row_gets_the_local_engines_answer(tiny_run, ray_cluster, tmp_path):
+    """The actors run batch_predict.predict_table, the local engine's step: a blank text is predicted, not refused."""
+    from lorafit.batch_predict import predict_file
+
     pd.DataFrame({"id": ["a", "b", "c"], "text": ["Stocks rally", "   ", "Oil falls"]}).to_json(
         tmp_path / "in.jsonl", orient="records", lines=True)
-    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=1)
-    with pytest.raises(LorafitError) as err:
-        predict_with_ray(tiny_run, tmp_path / "in.jsonl", tmp_path / "out", cfg)
-    assert str(err.value) == "--input, the row with ID 'b': field 'text' is empty; remove the row or fill it in"
+    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=1, probabilities=True,
+                        cpus_per_worker=0.5)
+    predict_with_ray(tiny_run, tmp_path / "in.jsonl", tmp_path / "out", cfg)
+    predict_file(lorafit.load(tiny_run), tmp_path / "in.jsonl", tmp_path / "local.csv",
+                 cfg.model_copy(update={"engine": "local"}))
+    pd.testing.assert_frame_equal(read_predictions(tmp_path / "out"), pd.read_csv(tmp_path / "local.csv"),
+                                  check_exact=False, atol=2e-6)
 
 
 def test_input_and_output_checks_are_one_line(tiny_run, tmp_path):

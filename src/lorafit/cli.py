@@ -505,7 +505,8 @@ def classify(run: Path, texts: list[str], as_json: bool = False, **flags) -> Non
     *schema_options(PredictConfig, ("id_column", "labels", "probabilities"), panel="output"),
     *schema_options(PredictConfig, ("chunk_rows", "on_bad_row", "resume"), panel="streaming"),
     *inference_options(),
-    *schema_options(PredictConfig, ("engine", "ray_address", "workers", "gpus_per_worker"), panel="engine",
+    *schema_options(PredictConfig, ("engine", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker",
+                                     "shard_format"), panel="engine",
                     flags={"ray_address": ("--address", "--ray-address")}),
 ])
 def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
@@ -515,7 +516,11 @@ def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
         from .ray_predict import predict_with_ray
 
         inference = build(InferenceConfig, pop_fields(flags, InferenceConfig))
-        predict_with_ray(run, input, output, opts, inference, read, console=err)
+        given = read.text_columns or ([read.text_column] if "text_column" in read.model_fields_set else None)
+        result = predict_with_ray(run, input, output, opts, inference, text_columns=given)
+        err.print(f"wrote {len(result.files)} {opts.shard_format} shards to {output} from {len(result.input_files)} "
+                  f"input files in {result.seconds:.0f} s (Ray, {opts.workers} workers)", highlight=False,
+                  soft_wrap=True)
         return
     from .batch_predict import predict_file as predict_in_chunks
 

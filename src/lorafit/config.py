@@ -410,6 +410,11 @@ class PredictConfig(_Section):
     )
     workers: int = Field(2, ge=1, description="Ray engine: actors, each holding the model once.")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray engine: GPUs each actor takes (1 on a GPU cluster).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="Ray engine: CPUs each actor takes (its torch threads); the actors must leave one of "
+        "the cluster's CPUs to the reading and writing tasks."
+    )
+    shard_format: Literal["csv", "parquet"] = Field("csv", description="Ray engine: the format of the output shards.")
 
 
 class ServeConfig(InferenceConfig):

@@ -15,6 +15,8 @@ Every machine of the cluster needs lorafit installed and the run directory (and 
 from __future__ import annotations
 
 import glob
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,59 +41,28 @@ def _ray():
 
 
 # --- one batch: the step both engines share ----------------------------------------------------------------------
-def predict_rows(clf, rows: pd.DataFrame, text_columns: list[str], id_column: str, cfg: PredictConfig) -> pd.DataFrame:
-    """Input rows -> ID, Label[, prob_<class>...]: the columns and values `lorafit predict` writes."""
-    from .predict import input_texts
-
-    try:
-        texts = input_texts(rows, text_columns, "input")
-    except LorafitError:
-        # the message counts rows within this batch; name the bad row by its ID instead (error path only)
-        for k in range(len(rows)):
-            try:
-                input_texts(rows.iloc[k:k + 1], text_columns, "")
-            except LorafitError as exc:
-                detail = str(exc).split(": ", 2)[-1]  # after the origin and 'row 1'
-                raise LorafitError(f"--input, the row with ID {rows[id_column].iloc[k]!r}: {detail}") from None
-        raise
-    probs = clf.predict_proba(texts)
-    pred = probs.argmax(-1)
-    out = pd.DataFrame({"ID": rows[id_column].to_numpy(),
-                        "Label": clf.classes_[pred] if cfg.labels == "name" else pred})
-    if cfg.probabilities:
-        for j, name in enumerate(clf.classes_):
-            out[f"prob_{name}"] = probs[:, j].round(6)
-    return out
-
-
-def load_for_inference(run_dir: str | Path, inference: InferenceConfig):
-    """lorafit.load with InferenceConfig's 'auto' settled where the model will run (an actor sees its own GPU)."""
-    import torch
-
-    from .predict import load
-
-    device = inference.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = inference.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    batch = inference.batch_size if inference.batch_size != "auto" else (256 if device == "cuda" else 16)
-    return load(run_dir, device=device, batch_size=batch, backend=inference.backend, precision=precision,
-                allow_different_base=inference.allow_different_base)
-
-
 class BatchPredictor:
-    """What map_batches runs on each actor: the model is loaded once, in __init__, then every batch is predicted.
-    A subclass may add work around __call__ (the tests kill an actor with one)."""
+    """What map_batches runs on each actor: the model is loaded once, in __init__ (lorafit.load settles 'auto' where
+    the actor runs: its own GPU), then every batch goes through batch_predict.predict_table, the local engine's
+    step, so both write the same rows (blank texts included). A subclass may add work around __call__ (the tests
+    kill an actor with one)."""
 
     def __init__(self, run_dir: str, text_columns: list[str], id_column: str, cfg: PredictConfig,
                  inference: InferenceConfig):
-        self.clf = load_for_inference(run_dir, inference)
+        from .predict import load
+
+        self.clf = load(run_dir, device=inference.device, batch_size=inference.batch_size, backend=inference.backend,
+                        precision=inference.precision, allow_different_base=inference.allow_different_base)
         self.text_columns, self.id_column, self.cfg = text_columns, id_column, cfg
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return predict_rows(self.clf, batch, self.text_columns, self.id_column, self.cfg)
+        import pyarrow as pa
+
+        from .batch_predict import predict_table
+
+        table = pa.Table.from_pandas(batch[self.text_columns], preserve_index=False)
+        return predict_table(self.clf, table, self.cfg, self.text_columns,
+                             ids=batch[self.id_column].to_numpy()).to_pandas()
 
 
 # --- input and output ---------------------------------------------------------------------------------------------
@@ -192,21 +163,20 @@ class RayPredictResult:
 # --- the run ------------------------------------------------------------------------------------------------------
 def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | Path,
                      cfg: Optional[PredictConfig] = None, inference: Optional[InferenceConfig] = None, *,
-                     text_columns: Optional[list[str]] = None, output_format: str = "csv",
-                     cpus_per_worker: float = 1.0, ray_init_args: Optional[dict[str, Any]] = None,
+                     text_columns: Optional[list[str]] = None, ray_init_args: Optional[dict[str, Any]] = None,
                      predictor: type = BatchPredictor) -> RayPredictResult:
     """Predict every row of `input` (a file, folder or glob of Parquet, CSV or JSON-lines files) on Ray and write
-    ID,Label[,prob_<class>...] shards (`output_format` csv or parquet) into `output_dir`, which must be new or empty.
+    ID,Label[,prob_<class>...] shards (cfg.shard_format, csv or parquet) into `output_dir`, which must be new or empty.
 
     cfg.ray_address joins that cluster (e.g. 'auto'); without it a local Ray is started here (with `ray_init_args`)
     and shut down after. cfg.workers actors each hold the model and take cfg.gpus_per_worker GPUs and
-    `cpus_per_worker` CPUs (Ray sets the actor's torch threads to that); they must leave a CPU of the cluster to the
+    cfg.cpus_per_worker CPUs (Ray sets the actor's torch threads to that); they must leave a CPU of the cluster to the
     read and write tasks. Each actor takes cfg.chunk_rows rows at a time; one that dies is restarted by Ray and its
     batch retried."""
+    ray = _ray()  # first: without the extra, that is the one thing to say
     cfg = cfg or PredictConfig()
     inference = inference or InferenceConfig()
-    if output_format not in ("csv", "parquet"):
-        raise LorafitError(f"output format '{output_format}': use csv or parquet")
+    output_format, cpus_per_worker = cfg.shard_format, cfg.cpus_per_worker
     run_dir = Path(run_dir).resolve()  # actors run elsewhere: an absolute path
     if not (run_dir / "config.yaml").is_file():
         raise LorafitError(f"{run_dir}: not a lorafit run directory (no config.yaml)")
@@ -215,13 +185,14 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")
     files, reader = input_files(input)
     texts = _text_columns(run_dir, text_columns)
-    ray = _ray()
 
     started = not ray.is_initialized()  # a caller's own ray.init (a notebook, the tests) is used and left running
     if started:
         init = dict(ray_init_args or {})
         if cfg.ray_address is None:  # a local Ray for this run only (or RAY_ADDRESS's, Ray's own convention)
             init.setdefault("include_dashboard", False)
+            # the actors' CPUs and one more for the reading and writing tasks, however few cores the machine has
+            init.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 1))
         ray.init(address=cfg.ray_address, **init)
     t0 = time.perf_counter()
     try:
@@ -280,5 +251,4 @@ def read_predictions(output_dir: str | Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).sort_values("ID", kind="stable", ignore_index=True)
 
 
-__all__ = ["BatchPredictor", "RayPredictResult", "input_files", "predict_rows", "predict_with_ray",
-           "read_predictions"]
+__all__ = ["BatchPredictor", "RayPredictResult", "input_files", "predict_with_ray", "read_predictions"]
