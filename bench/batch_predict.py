@@ -7,10 +7,15 @@ run is a tiny random BERT + LoRA trained on the bundled sample as the tests make
 what is measured is the streaming, not the encoder; --run takes any completed run.
 
 Contenders (one function each, same signature; the table prints one row per contender and size)
-  local   lorafit.batch_predict.predict_file in this process: pyarrow's streaming CSV reader, chunk_rows rows at a
-          time, appended to a partial file renamed when complete.
+  local          lorafit.batch_predict.predict_file in this process: pyarrow's streaming CSV reader, chunk_rows
+                 rows at a time, appended to a partial file renamed when complete. Peak: ru_maxrss.
+  ray-1-worker   lorafit.ray_predict.predict_with_ray on a local Ray started for the run: Ray Data reads the same
+  ray-2-workers  CSV, 1 or 2 actors (1 CPU each) predict chunk_rows rows at a time, CSV shards are written. Peak: the
+                 largest summed resident memory of this process and every process under it (Ray's, the actors'),
+                 sampled every 0.2 s; "loaded" is this process's alone before Ray starts.
 
-    python bench/batch_predict.py                         # 100k and 1M rows (the 1M row file is ~230 MB)
+    python bench/batch_predict.py                         # 100k and 1M rows (the 1M row file is ~230 MB), all
+    python bench/batch_predict.py --contenders local      # the streaming engine alone
     python bench/batch_predict.py --rows 20000 100000 --run runs/my-run
 """
 
@@ -66,7 +71,64 @@ def local(run: Path, input: Path, output: Path, chunk_rows: int) -> dict:
             "summary": summary.line()}
 
 
-CONTENDERS = {"local": local}
+class TreePeak:
+    """The largest resident memory of this process plus all its descendants while the block runs (Ray's processes
+    and actors are children of the process that started Ray), sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:  # ended between listing and reading
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_engine(run: Path, input: Path, output: Path, chunk_rows: int, workers: int) -> dict:
+    from lorafit.config import InferenceConfig, PredictConfig
+    from lorafit.ray_predict import predict_with_ray
+
+    loaded = rss_mib()
+    cfg = PredictConfig(engine="ray", workers=workers, chunk_rows=chunk_rows)
+    with TreePeak() as mem:
+        t0 = time.perf_counter()
+        result = predict_with_ray(run, input, output.with_suffix(""), cfg, InferenceConfig(backend="torch"),
+                                  ray_init_args={"object_store_memory": 500_000_000, "log_to_driver": False})
+        seconds = time.perf_counter() - t0
+    rows = sum(sum(1 for _ in f.open(encoding="utf-8")) - 1 for f in result.files)  # CSV shards, a header each
+    return {"rows": rows, "seconds": seconds, "loaded_rss_mib": loaded, "tree_peak_rss_mib": mem.peak / 2**20,
+            "summary": f"{len(result.files)} shards"}
+
+
+def ray_1_worker(run: Path, input: Path, output: Path, chunk_rows: int) -> dict:
+    return ray_engine(run, input, output, chunk_rows, 1)
+
+
+def ray_2_workers(run: Path, input: Path, output: Path, chunk_rows: int) -> dict:
+    return ray_engine(run, input, output, chunk_rows, 2)
+
+
+CONTENDERS = {"local": local, "ray-1-worker": ray_1_worker, "ray-2-workers": ray_2_workers}
 
 
 # --- inputs and the tiny run ---------------------------------------------------------------------------------
@@ -115,7 +177,7 @@ def child(args) -> None:
     # the threads' synchronisation cost 5x the rows/s (2,000 rows: 7.3 s with 2 threads, 1.3 s with 1, 2 cores)
     torch.set_num_threads(args.threads)
     result = CONTENDERS[args.child](Path(args.run), Path(args.input), Path(args.output), args.chunk_rows)
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_mib"] = result.pop("tree_peak_rss_mib", None) or peak_rss_mib()
     print(json.dumps(result))
 
 
@@ -149,7 +211,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     run = args.run or tiny_run(OUT)
     print(f"CPU: {cpu_summary()}\nrun: {run}; chunk_rows {args.chunk_rows}; torch threads {args.threads}\n")
-    print(f"{'contender':<10}{'rows':>11}{'seconds':>9}{'rows/s':>9}{'loaded MiB':>12}{'peak MiB':>10}"
+    print(f"{'contender':<14}{'rows':>11}{'seconds':>9}{'rows/s':>9}{'loaded MiB':>12}{'peak MiB':>10}"
           f"{'growth MiB':>12}")
     results = []
     for name in args.contenders:
@@ -158,7 +220,7 @@ def main() -> None:
             r.update(contender=name, input_rows=rows, rows_per_s=r["rows"] / r["seconds"],
                      growth_mib=r["peak_rss_mib"] - r["loaded_rss_mib"])
             results.append(r)
-            print(f"{name:<10}{rows:>11,}{r['seconds']:>9.1f}{r['rows_per_s']:>9.0f}{r['loaded_rss_mib']:>12.0f}"
+            print(f"{name:<14}{rows:>11,}{r['seconds']:>9.1f}{r['rows_per_s']:>9.0f}{r['loaded_rss_mib']:>12.0f}"
                   f"{r['peak_rss_mib']:>10.0f}{r['growth_mib']:>12.0f}", flush=True)
         mine = [r for r in results if r["contender"] == name]
         peaks = [r["peak_rss_mib"] for r in mine]
