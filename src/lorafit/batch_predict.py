@@ -592,38 +592,28 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class CsvSink:
-    """CSV rows appended to `<output>.partial`; after each chunk the byte count goes into the state, so a resumed
-    run cuts off a half-written chunk."""
+class AppendedFile:
+    """A file that grows by whole chunks: opened new with its header, or reopened at a recorded byte count (what a
+    half-written chunk wrote after it is cut off); each append is synced and returns the new byte count."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema, self.file = path, schema, None
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def header(self) -> bytes:
+        raise NotImplementedError
 
     def open(self, resume_bytes: Optional[int]) -> int:
         if resume_bytes is None:
             self.file = open(self.path, "wb")
-            import pandas as pd
-
-            buf = io.StringIO()
-            pd.DataFrame(columns=self.schema.names).to_csv(buf, index=False)
-            self.file.write(buf.getvalue().encode("utf-8"))
+            self.file.write(self.header())
         else:
             self.file = open(self.path, "r+b")
             self.file.truncate(resume_bytes)
             self.file.seek(resume_bytes)
         return self.sync()
 
-    def append(self, table: pa.Table) -> int:
-        import pandas as pd
-
-        # Python values, not pandas' own inference per chunk: an int ID column with a null in one chunk would
-        # otherwise turn that chunk's IDs into floats (1.0)
-        frame = pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object)
-                              if not pa.types.is_floating(table.schema.field(name).type)
-                              else table.column(name).to_numpy() for name in table.column_names})
-        buf = io.StringIO()
-        frame.to_csv(buf, index=False, header=False)
-        self.file.write(buf.getvalue().encode("utf-8"))
+    def write(self, text: str) -> int:
+        self.file.write(text.encode("utf-8"))
         return self.sync()
 
     def sync(self) -> int:
@@ -635,6 +625,34 @@ class CsvSink:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class CsvSink(AppendedFile):
+    """CSV rows appended to `<output>.partial`; after each chunk the byte count goes into the state, so a resumed
+    run cuts off a half-written chunk."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        super().__init__(path)
+        self.schema = schema
+
+    def header(self) -> bytes:
+        import pandas as pd
+
+        buf = io.StringIO()
+        pd.DataFrame(columns=self.schema.names).to_csv(buf, index=False)
+        return buf.getvalue().encode("utf-8")
+
+    def append(self, table: pa.Table) -> int:
+        import pandas as pd
+
+        # Python values, not pandas' own inference per chunk: an int ID column with a null in one chunk would
+        # otherwise turn that chunk's IDs into floats (1.0)
+        frame = pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object)
+                              if not pa.types.is_floating(table.schema.field(name).type)
+                              else table.column(name).to_numpy() for name in table.column_names})
+        buf = io.StringIO()
+        frame.to_csv(buf, index=False, header=False)
+        return self.write(buf.getvalue())
 
     def finish(self, output: Path) -> None:
         self.close()
@@ -706,22 +724,11 @@ class ParquetSink:
         shutil.rmtree(self.path)
 
 
-class BadRowLog:
+class BadRowLog(AppendedFile):
     """`<output>.bad_rows.csv` (row, line, reason), appended to its partial like the output."""
 
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
-
-    def open(self, resume_bytes: Optional[int]) -> int:
-        if resume_bytes is None:
-            self.file = open(self.path, "wb")
-            self.file.write(b"row,line,reason\n")
-        else:
-            self.file = open(self.path, "r+b")
-            self.file.truncate(resume_bytes)
-            self.file.seek(resume_bytes)
-        self.file.flush()
-        return self.file.tell()
+    def header(self) -> bytes:
+        return b"row,line,reason\n"
 
     def append(self, bad: list[BadRow]) -> int:
         import csv
@@ -730,15 +737,7 @@ class BadRowLog:
         writer = csv.writer(buf, lineterminator="\n")
         for b in bad:
             writer.writerow([b.row, "" if b.line is None else b.line, b.reason])
-        self.file.write(buf.getvalue().encode("utf-8"))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        return self.file.tell()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        return self.write(buf.getvalue())
 
 
 # --- the prediction of a file -------------------------------------------------------------------------------
