@@ -105,7 +105,7 @@ def test_a_run_on_1_based_labels_has_4_classes_and_label_offset_1(ag_rows, tiny_
     # evaluate maps a 1-based file the same way (the run's config.yaml carries the offset): its test metrics
     result = CliRunner().invoke(app, ["evaluate", str(run.path), "--data", test_file, "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["accuracy"] == pytest.approx(run.test_metrics["accuracy"])
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(run.test_metrics["accuracy"])
     zero_based = _csv(tmp_path / "zero.csv", test_texts, test_ids)
     result = CliRunner().invoke(app, ["evaluate", str(run.path), "--data", zero_based])
     assert result.exit_code == 2 and "label 0 is outside 1..4" in " ".join(result.output.split())
