@@ -53,11 +53,11 @@ def sampler_and_pruner(args):
     import optuna
 
     from lorafit.config import SearchConfig
-    from lorafit.search import _pruner
+    from lorafit.search import make_pruner
 
     s = SearchConfig(sampler_seed=args.sampler_seed)
     sampler = optuna.samplers.TPESampler(seed=s.sampler_seed, n_startup_trials=s.startup_trials, constant_liar=True)
-    return sampler, _pruner(s)
+    return sampler, make_pruner(s)
 
 
 def run_lorafit(args) -> dict:

@@ -55,7 +55,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     from lorafit.frozen import frozen_linears
     from lorafit.prefix_cache import FrozenPrefix
     from lorafit.runtime import resolve_precision
-    from lorafit.train import _calibrate_int8, _param_groups, encode_splits, fast_dropout, frozen_mode, training_attention
+    from lorafit.train import (calibrate_int8_on_sample, encode_splits, fast_dropout, frozen_mode, param_groups_of,
+                               training_attention)
 
     off = VARIANTS[name]
     cfg = Config().with_overrides({"max_train_samples": rows})
@@ -84,13 +85,13 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     sampler = LengthGroupedBatches([len(x) for x in enc.input_ids], cfg.train.batch_size, cfg.train.seed, True)
     loader = torch.utils.data.DataLoader(EncodedDataset(enc), batch_sampler=sampler,
                                          collate_fn=Collator(tok.pad_token_id, cfg.train.pad_to_multiple_of))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.train.learning_rate, fused=off != "fused_adamw")
+    optimizer = torch.optim.AdamW(param_groups_of(model, cfg), lr=cfg.train.learning_rate, fused=off != "fused_adamw")
     trainable = [p for p in model.parameters() if p.requires_grad]
     paths = contextlib.nullcontext() if mode == "plain" else frozen_linears(model, mode, fuse_lora=off != "fused_lora")
     with paths:
         prefix = FrozenPrefix.maybe(model, torch.bfloat16 if bf16 else torch.float32)
         prefix.compute("train", enc, cfg.train.eval_batch_size, tok.pad_token_id, "cpu", autocast if bf16 else None)
-        _calibrate_int8(model, enc, prefix, tok.pad_token_id, "cpu")  # as train.py does (a no-op without int8)
+        calibrate_int8_on_sample(model, enc, prefix, tok.pad_token_id, "cpu")  # as train.py does (a no-op without int8)
         model.train()
         attention = contextlib.nullcontext if off == "math_attention" else lambda: training_attention(torch.device("cpu"))
 

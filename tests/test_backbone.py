@@ -132,7 +132,7 @@ def test_one_rule_for_the_head(tiny_model_dir, tmp_path):
         assert head_module_names(model) == info.head_modules
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         heads = {n for n in trainable if is_head_parameter(model, n)}
-        # the rule train._param_groups used so far, on the trainable parameters
+        # the rule train.param_groups_of used so far, on the trainable parameters
         old = {n for n in trainable
                if "modules_to_save" in n or n.split(".")[0] in ("classifier", "pre_classifier", "score")}
         assert heads == old and heads, (family, pooling, method)

@@ -69,7 +69,7 @@ def test_qlora_load_is_nf4_double_quant_bf16_and_kbit_prepared(tiny_model_dir, m
     seen = {}
     monkeypatch.setattr(model_mod, "check_quantization", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    real = model_mod._from_pretrained
+    real = model_mod.load_pretrained
 
     def loader(load, name, **kwargs):
         if "quantization_config" in kwargs:
@@ -81,7 +81,7 @@ def test_qlora_load_is_nf4_double_quant_bf16_and_kbit_prepared(tiny_model_dir, m
         seen["prepared"] = type(model).__name__
         return model
 
-    monkeypatch.setattr(model_mod, "_from_pretrained", loader)
+    monkeypatch.setattr(model_mod, "load_pretrained", loader)
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", prepare)
     cfg = Config().with_overrides({"model": str(tiny_model_dir("bert")), "quantize": "4bit", "pooling": "cls",
                                    "param_budget": None}).model

@@ -68,14 +68,14 @@ def test_roberta_recipes_train_the_seeds_parameter_counts(recipe, trainable, pef
     from lorafit.data import AG_NEWS_LABELS
 
     RobertaConfig(**ROBERTA_BASE).save_pretrained(tmp_path)
-    real = model_mod._from_pretrained
+    real = model_mod.load_pretrained
 
     def from_config(loader, name, config=None, **kwargs):  # the architecture, without the checkpoint's weights
         if config is None:
             return real(loader, name, **kwargs)
         return loader.__self__.from_config(config)  # loader: AutoModel(ForSequenceClassification).from_pretrained
 
-    monkeypatch.setattr(model_mod, "_from_pretrained", from_config)
+    monkeypatch.setattr(model_mod, "load_pretrained", from_config)
     cfg = Config.from_yaml(Path(__file__).resolve().parents[1] / "configs" / recipe)
     with torch.device("meta"):
         model, info = model_mod.prepare_model(cfg.model.model_copy(update={"model": str(tmp_path)}), 4, AG_NEWS_LABELS)

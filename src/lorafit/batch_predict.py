@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DataConfig, PredictConfig
-from .data import MAX_TEXT_CHARS, _looks_like_jsonl, read_table
+from .data import MAX_TEXT_CHARS, looks_like_jsonl, read_table
 from .errors import LorafitError
 from .fileio import atomic_write_json
 
@@ -183,7 +183,7 @@ def input_kind(path: Path) -> tuple[str, Optional[str]]:
         raise LorafitError(f"{path}: unsupported file type '{suffix or path.name}'; use .csv, .tsv, .jsonl, .json, "
                            ".parquet, .txt (one text per line) or .pkl with allow_pickle")
     kind = kinds[suffix]
-    if kind == "json" and path.is_file() and path.stat().st_size and _looks_like_jsonl(path, compression):
+    if kind == "json" and path.is_file() and path.stat().st_size and looks_like_jsonl(path, compression):
         kind = "jsonl"
     return kind, compression
 

@@ -54,7 +54,7 @@ def read_table(path: str | Path, allow_pickle: bool = False) -> pd.DataFrame:
                 path, sep="\t" if suffix == ".tsv" else ",", compression=compression,
                 encoding="utf-8", keep_default_na=False, na_values=[""], dtype=str,
             )
-        elif suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path, compression)):
+        elif suffix == ".jsonl" or (suffix == ".json" and looks_like_jsonl(path, compression)):
             df = pd.read_json(path, lines=True, compression=compression, dtype=False)
         elif suffix == ".json":
             df = pd.read_json(path, compression=compression, dtype=False)
@@ -84,7 +84,7 @@ def read_table(path: str | Path, allow_pickle: bool = False) -> pd.DataFrame:
     return df
 
 
-def _looks_like_jsonl(path: Path, compression: Optional[str]) -> bool:
+def looks_like_jsonl(path: Path, compression: Optional[str]) -> bool:
     opener = gzip.open if compression else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         first = f.readline().strip()

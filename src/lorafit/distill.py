@@ -90,13 +90,13 @@ def logits_backend(teacher: Path, precision: str) -> tuple[str, Optional[Path]]:
 
 def _weights_sha256(teacher: Path, onnx_path: Optional[Path]) -> str:
     """What decides the teacher's logits besides its backbone: its trained weights (or its ONNX export)."""
-    from .model import _file_sha256  # lorafit's own file hashing, cached per file
+    from .model import file_sha256  # lorafit's own file hashing, cached per file
 
     if onnx_path is not None:
-        return _file_sha256(onnx_path)
+        return file_sha256(onnx_path)
     digest = hashlib.sha256()  # model/: safetensors and their JSON configs (not the model card README.md)
     for path in sorted(p for p in (teacher / "model").iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")):
-        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -280,9 +280,9 @@ def check_layers(cfg: Config) -> None:
     """Refuse model.num_layers beyond the backbone's layer count (reads its config only, no weights)."""
     from transformers import AutoConfig
 
-    from .model import _from_pretrained, keep_first_layers
+    from .model import load_pretrained, keep_first_layers
 
-    hf_config = _from_pretrained(AutoConfig.from_pretrained, cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    hf_config = load_pretrained(AutoConfig.from_pretrained, cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     keep_first_layers(hf_config, cfg.model.num_layers, cfg.model.model)
 
 
@@ -292,10 +292,10 @@ def layer_count(cfg: Config) -> Optional[int]:
         return cfg.model.num_layers
     from transformers import AutoConfig
 
-    from .model import _from_pretrained, encoder_layer_count
+    from .model import load_pretrained, encoder_layer_count
 
     try:
-        return encoder_layer_count(_from_pretrained(AutoConfig.from_pretrained, cfg.model.model,
+        return encoder_layer_count(load_pretrained(AutoConfig.from_pretrained, cfg.model.model,
                                                     trust_remote_code=cfg.model.trust_remote_code))
     except LorafitError:  # only for the record: a backbone config that cannot be read leaves it unknown
         return None
@@ -323,7 +323,7 @@ def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, st
     from datetime import datetime
 
     from .config import OutputConfig
-    from .train import _as_config
+    from .train import as_config
 
     teacher = Path(teacher_run)
     teacher_cfg, _ = check_teacher(teacher)
@@ -338,7 +338,7 @@ def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, st
     if changed_data:
         raise LorafitError(f"distill: {', '.join(changed_data)} cannot change: the student trains on the teacher's "
                            f"data and splits so that their scores compare; only {', '.join(STUDENT_DATA_OPTIONS)} may")
-    base = _as_config(config) if config is not None else teacher_cfg
+    base = as_config(config) if config is not None else teacher_cfg
     values = base.model_dump(mode="json")
     values.pop("search", None)
     values["data"] = {**teacher_cfg.data.model_dump(mode="json"), "split_seed": teacher_cfg.data_seed}

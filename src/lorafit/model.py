@@ -36,7 +36,7 @@ _IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
 _file_hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: each file hashed once
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     import hashlib
 
     stat = path.stat()
@@ -57,7 +57,7 @@ def _directory_sha256(directory: Path) -> tuple[str, list[str]]:
     files = sorted({p for pattern in _IDENTITY_FILES for p in Path(directory).glob(pattern) if p.is_file()})
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest(), [p.name for p in files]
 
 
@@ -103,7 +103,7 @@ def check_backbone(recorded: Optional[dict], model_name: str, run_dir, allow_dif
                            "(allow_different_base=True) to load it anyway")
 
 
-def _from_pretrained(loader, name: str, **kwargs):
+def load_pretrained(loader, name: str, **kwargs):
     path = resolve_model_path(name)
     local = Path(path).exists()
     if not local and name.count("/") > 1:
@@ -136,7 +136,7 @@ def _from_pretrained(loader, name: str, **kwargs):
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
+    return load_pretrained(AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
 
 
 class MeanPoolingClassifier(nn.Module):
@@ -278,7 +278,7 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
         check_quantization(cfg)
 
     id2label = {i: n for i, n in enumerate(label_names)}
-    hf_config = _from_pretrained(
+    hf_config = load_pretrained(
         AutoConfig.from_pretrained, cfg.model, num_labels=num_labels, id2label=id2label,
         label2id={n: i for i, n in id2label.items()}, trust_remote_code=cfg.trust_remote_code,
     )
@@ -290,11 +290,11 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
     quantized = _quantized_load_kwargs(quantize, unquantized_modules(loader, hf_config, cfg.trust_remote_code)
                                        if quantize != "none" else None)
     if cfg.pooling == "cls":
-        return _prepare_kbit(_from_pretrained(
+        return _prepare_kbit(load_pretrained(
             AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
             trust_remote_code=cfg.trust_remote_code, **quantized,
         ), quantize)
-    encoder = _prepare_kbit(_from_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config,
+    encoder = _prepare_kbit(load_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config,
                                              trust_remote_code=cfg.trust_remote_code, **quantized), quantize)
     dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
     return MeanPoolingClassifier(encoder, num_labels, dropout)
@@ -522,7 +522,7 @@ def load_trained(cfg: ModelConfig, label_names: list[str], weights_dir: Path, me
     if cfg.method == "full" and cfg.pooling == "cls":
         from transformers import AutoModelForSequenceClassification
 
-        return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(weights_dir),
+        return load_pretrained(AutoModelForSequenceClassification.from_pretrained, str(weights_dir),
                                 trust_remote_code=cfg.trust_remote_code).eval()
     base = build_base(cfg, len(label_names), label_names)
     if cfg.method == "lora":

@@ -51,9 +51,9 @@ class SearchResult:
 # --- config and space ------------------------------------------------------------------------------------
 def search_config(config: Union[Config, dict, str, Path, None] = None, **overrides) -> Config:
     """The base config with a search section; flat overrides may name train fields or search fields."""
-    from .train import _as_config
+    from .train import as_config
 
-    cfg = _as_config(config)
+    cfg = as_config(config)
     search_over = {k: overrides.pop(k) for k in list(overrides) if k in SEARCH_FIELDS or k == "space"}
     if overrides:
         cfg = cfg.with_overrides(overrides)
@@ -270,7 +270,7 @@ def _sampler(s: SearchConfig):
     return optuna.samplers.TPESampler(seed=s.sampler_seed, n_startup_trials=s.startup_trials, constant_liar=True)
 
 
-def _pruner(s: SearchConfig):
+def make_pruner(s: SearchConfig):
     import optuna
 
     if s.pruner == "median":
@@ -291,7 +291,7 @@ def open_study(cfg: Config, study_dir: Path):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     storage = open_storage(url, s.heartbeat_seconds)
     direction = "minimize" if cfg.train.metric_for_best == "loss" else "maximize"
-    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=_sampler(s), pruner=_pruner(s),
+    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=_sampler(s), pruner=make_pruner(s),
                                 direction=direction, load_if_exists=True)
     wanted = space_fingerprint(s.space)
     stored = study.user_attrs.get(SPACE_ATTR)

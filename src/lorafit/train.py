@@ -259,7 +259,7 @@ def train(config: Union[Config, dict, str, Path, None] = None, *, console=None, 
           reuse: Optional[dict] = None, **overrides) -> Run:
     """Fine-tune, evaluate and save a classifier; return the Run. `config` is a Config, a dict or a YAML path.
     `callbacks` and `reuse`: see TrainingRecipe."""
-    cfg = _as_config(config).with_overrides(overrides) if overrides else _as_config(config)
+    cfg = as_config(config).with_overrides(overrides) if overrides else as_config(config)
     return TrainingRecipe(cfg, console=console, callbacks=callbacks, reuse=reuse).run()
 
 
@@ -462,7 +462,7 @@ class TrainingRecipe:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the fused kernel updates all parameters in one pass instead of a dozen ops per parameter tensor; groups
         # from the unwrapped model, whose parameter names DDP does not prefix
-        self.optimizer = torch.optim.AdamW(_param_groups(self.unwrapped, cfg), lr=t.learning_rate,
+        self.optimizer = torch.optim.AdamW(param_groups_of(self.unwrapped, cfg), lr=t.learning_rate,
                                            weight_decay=t.weight_decay, fused=acc.device.type in ("cpu", "cuda"))
         from transformers import get_scheduler
 
@@ -584,7 +584,7 @@ class TrainingRecipe:
             self._cleanup.enter_context(frozen_linears(self.unwrapped, frozen, fuse_lora=plan["fused_lora"]))
             if frozen == "int8":
                 # before a checkpoint is restored: the adapters are still zero, so a resumed run quantises the same
-                _calibrate_int8(self.unwrapped, self.encoded["train"], self.prefix, self.pad_id, device)
+                calibrate_int8_on_sample(self.unwrapped, self.encoded["train"], self.prefix, self.pad_id, device)
         kernel = plan["attention_kernel"]
         self.step_context = lambda: training_attention(device, kernel)
         return plan
@@ -1135,7 +1135,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _calibrate_int8(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
+def calibrate_int8_on_sample(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
     """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
     n = min(rows, len(enc))
     sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
@@ -1143,7 +1143,7 @@ def _calibrate_int8(model, enc: Encoded, prefix, pad_id, device, rows: int = 64)
     calibrate_int8(model, lambda: predict_logits(model, sample, n, pad_id, device, forward=forward))
 
 
-def _param_groups(model, cfg: Config) -> list[dict[str, Any]]:
+def param_groups_of(model, cfg: Config) -> list[dict[str, Any]]:
     """No weight decay on biases and LayerNorm; the head may get its own learning rate."""
     head_lr = cfg.train.head_learning_rate or cfg.train.learning_rate
     groups: dict[tuple[bool, bool], list] = {}
@@ -1177,7 +1177,7 @@ def _report_if_available(run_dir: Path, console) -> None:
                       f"results are intact; retry with: lorafit report {run_dir}[/]")
 
 
-def _as_config(config) -> Config:
+def as_config(config) -> Config:
     if config is None:
         return Config()
     if isinstance(config, Config):
