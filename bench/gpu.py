@@ -176,7 +176,9 @@ def _reset_peak() -> None:
 def _peak_gb() -> Optional[float]:
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
+    from lorafit.train import peak_gpu_memory_gb  # what run.json records, for the peer's process too
+
+    return peak_gpu_memory_gb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # --- training rows -------------------------------------------------------------------------------------------
@@ -273,14 +275,15 @@ def run_lorafit(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[
 
 
 def qlora_unavailable() -> Optional[str]:
-    import importlib.util
+    """Why the QLoRA rows cannot run here (lorafit's own check, as `lorafit train --quantize` makes it), or None."""
+    from lorafit.config import ModelConfig
+    from lorafit.errors import LorafitError
+    from lorafit.model import check_quantization
 
-    import torch
-
-    if not torch.cuda.is_available():
-        return "skipped: no CUDA GPU"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "skipped: bitsandbytes not installed (carry its wheel: docs/gpu.md)"
+    try:
+        check_quantization(ModelConfig(quantize="4bit"))
+    except LorafitError as exc:
+        return f"skipped: {exc} (carry bitsandbytes' wheel: docs/gpu.md)"
     return None
 
 

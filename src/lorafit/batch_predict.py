@@ -832,14 +832,19 @@ def input_data_config(clf, text_column=None, allow_pickle: bool = False) -> Data
     return DataConfig(text_column=columns[0], allow_pickle=allow_pickle)
 
 
+def run_text_columns(run_dir: str | Path) -> list[str]:
+    """The text column(s) the run trained on: what an input is read by when none is named (both engines)."""
+    from .rundir import read_run
+
+    run_data = read_run(run_dir, require_completed=False)[1].data
+    return list(run_data.text_columns or [run_data.text_column])
+
+
 def _text_columns(clf, data: Optional[DataConfig]) -> list[str]:
     if data is not None:
         return list(data.text_columns or [data.text_column])
     if getattr(clf, "run_dir", None) is not None:
-        from .rundir import read_run
-
-        run_data = read_run(clf.run_dir)[1].data
-        return list(run_data.text_columns or [run_data.text_column])
+        return run_text_columns(clf.run_dir)
     return ["text"]
 
 

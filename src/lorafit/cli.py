@@ -455,14 +455,6 @@ def input_data(clf, read: DataConfig) -> DataConfig:
     return input_data_config(clf, given, allow_pickle=read.allow_pickle)
 
 
-def read_config(flags: dict[str, Any], names=READ_FIELDS) -> DataConfig:
-    values = {k: parse_value(DataConfig, k, v) for k, v in pop_fields(flags, DataConfig).items() if v is not None}
-    try:
-        return DataConfig(**values)
-    except ValidationError as exc:
-        raise LorafitError(flag_error(exc)) from None
-
-
 @command("classify", "Classify texts given on the command line.", "Classify texts given on the command line: label and class probabilities.")
 @cli_errors
 @with_signature([
@@ -510,7 +502,7 @@ def classify(run: Path, texts: list[str], as_json: bool = False, **flags) -> Non
                     flags={"ray_address": ("--address", "--ray-address")}),
 ])
 def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
-    read = read_config(flags)
+    read = build(DataConfig, pop_fields(flags, DataConfig))  # the input's text columns and pickle switch
     opts = build(PredictConfig, pop_fields(flags, PredictConfig))
     if opts.engine == "ray":
         from .ray_predict import predict_with_ray
@@ -555,7 +547,7 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
     input = input or data
     if input is None:
         raise LorafitError("evaluate: give the labelled file to evaluate on with -i FILE")
-    read = read_config(flags)
+    read = build(DataConfig, pop_fields(flags, DataConfig))  # the input's text columns and pickle switch
     clf = load_classifier(run, flags)
     data = input_data(clf, read)
     df = read_inputs(input, allow_pickle=data.allow_pickle)

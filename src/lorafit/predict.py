@@ -226,13 +226,3 @@ def input_texts(df: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
 
     cfg = DataConfig(text_columns=columns) if len(columns) > 1 else DataConfig(text_column=columns[0])
     return texts_from(df, cfg, origin)
-
-
-def row_ids(df: pd.DataFrame, id_column: Optional[str], origin: str) -> list:
-    """IDs from `id_column`, else from a column named id/ID/Id when present, else the row index."""
-    if id_column is not None:
-        if id_column not in df.columns:
-            raise LorafitError(f"{origin}: no id column '{id_column}' (columns: {', '.join(df.columns)})")
-        return df[id_column].tolist()
-    found = [c for c in df.columns if c.lower() == "id"]
-    return df[found[0]].tolist() if found else list(range(len(df)))

@@ -102,21 +102,13 @@ def _read(ray, files: list[str], reader: str):
 
 
 def _id_column(columns: list[str], id_column: Optional[str], origin: str) -> Optional[str]:
-    """As predict.row_ids: the given column, else one named id/ID/Id, else None (rows are numbered)."""
-    if id_column is not None:
-        if id_column not in columns:
-            raise LorafitError(f"{origin}: no id column '{id_column}' (columns: {', '.join(columns)})")
-        return id_column
-    return next((c for c in columns if c.lower() == "id"), None)
+    """The local engine's rule (batch_predict.find_id_column), with a named column that is not there one line."""
+    from .batch_predict import find_id_column
 
-
-def _text_columns(run_dir: Path, text_columns: Optional[list[str]]) -> list[str]:
-    if text_columns:
-        return list(text_columns)
-    from .config import Config
-
-    data = Config.from_yaml(Path(run_dir) / "config.yaml").data
-    return data.text_columns or [data.text_column]
+    found = find_id_column(columns, id_column)
+    if found is not None and found not in columns:
+        raise LorafitError(f"{origin}: no id column '{found}' (columns: {', '.join(columns)})")
+    return found
 
 
 def _lorafit_cause(exc: BaseException) -> Optional[LorafitError]:
@@ -184,7 +176,9 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")
     files, reader = input_files(input)
-    texts = _text_columns(run_dir, text_columns)
+    from .batch_predict import run_text_columns
+
+    texts = list(text_columns) if text_columns else run_text_columns(run_dir)
 
     started = not ray.is_initialized()  # a caller's own ray.init (a notebook, the tests) is used and left running
     if started:
