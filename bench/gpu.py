@@ -176,7 +176,7 @@ def _reset_peak() -> None:
 def _peak_gb() -> Optional[float]:
     import torch
 
-    from lorafit.train import peak_gpu_memory_gb  # what run.json records, for the peer's process too
+    from lorafit.runtime import peak_gpu_memory_gb  # what run.json records, for the peer's process too
 
     return peak_gpu_memory_gb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -120,10 +120,10 @@ def test_a_bad_flag_value_names_the_flag():
 def test_the_training_progress_line_fits_the_terminal_and_a_wider_one_shows_more(width):
     from rich.console import Console
 
-    from lorafit.train import _progress, progress_info
+    from lorafit.console import progress_bar, progress_info
 
     console = Console(width=width, force_terminal=True)
-    progress = _progress(console, main=True)
+    progress = progress_bar(console, main=True)
     progress.add_task("train", total=12_000, completed=11_999, epoch="10/10",
                       info=progress_info(width, 1.23456, 1.23e-4, 12345.6))
     lines = console.render_lines(progress.get_renderable(), console.options, pad=False)

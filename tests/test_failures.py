@@ -43,12 +43,12 @@ def test_an_exception_without_a_message_names_its_file_line_and_source(fake_libr
 
 def test_a_failed_run_records_the_location_of_a_bare_assertion(tiny_model_dir, tmp_path, monkeypatch, fake_library):
     import lorafit
-    from lorafit.train import TrainingRecipe
+    from lorafit.recipe import TrainingRecipe
 
     def broken_step(self, batch, sync):
         fake_library.fix_state(batch["input_ids"])  # as bitsandbytes' fix_4bit_weight_quant_state_from_module
 
-    monkeypatch.setattr(TrainingRecipe, "_train_step", broken_step)
+    monkeypatch.setattr(TrainingRecipe, "train_step", broken_step)
     with pytest.raises(AssertionError):
         lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path / "runs", max_train_samples=64, epochs=1))
     info = json.loads((tmp_path / "runs" / "run" / "run.json").read_text())
@@ -74,13 +74,14 @@ def oom_config(tiny_model_dir, tmp_path):
 def test_cuda_out_of_memory_is_one_line_and_the_run_resumes_exactly(oom_config, monkeypatch):
     import lorafit
     from lorafit.cli import app
-    from lorafit.train import TrainingRecipe, resume
+    from lorafit.recipe import TrainingRecipe
+    from lorafit.train import resume
 
     ref_dir = oom_config("ref")
     ref = lorafit.train(str(ref_dir / "config.yaml"))
     assert ref.info["peak_gpu_memory_gb"] is None  # recorded for CUDA runs only
 
-    real_step, calls = TrainingRecipe._train_step, []
+    real_step, calls = TrainingRecipe.train_step, []
 
     def step_then_oom(self, batch, sync):
         calls.append(sync)
@@ -89,9 +90,9 @@ def test_cuda_out_of_memory_is_one_line_and_the_run_resumes_exactly(oom_config, 
         return real_step(self, batch, sync)
 
     run_dir = oom_config("oom")
-    monkeypatch.setattr(TrainingRecipe, "_train_step", step_then_oom)
+    monkeypatch.setattr(TrainingRecipe, "train_step", step_then_oom)
     result = CliRunner().invoke(app, ["train", str(run_dir / "config.yaml")])
-    monkeypatch.setattr(TrainingRecipe, "_train_step", real_step)
+    monkeypatch.setattr(TrainingRecipe, "train_step", real_step)
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
     run = run_dir / "run"
@@ -111,7 +112,7 @@ def test_cuda_out_of_memory_is_one_line_and_the_run_resumes_exactly(oom_config, 
 def test_out_of_memory_inside_the_optimizer_update_saves_nothing_half_updated(oom_config, monkeypatch):
     import lorafit
     from lorafit.errors import LorafitError
-    from lorafit.train import TrainingRecipe
+    from lorafit.recipe import TrainingRecipe
 
     real_setup = TrainingRecipe._setup
 
@@ -141,7 +142,7 @@ def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_wi
     from lorafit.cli import app
     from lorafit.train import resume
 
-    train_mod = sys.modules["lorafit.train"]  # the module: `lorafit.train` is bound to the function
+    train_mod = sys.modules["lorafit.recipe"]  # the module: `lorafit.train` is bound to the function
 
     real_predict, calls = train_mod.predict_logits, []
 
@@ -169,7 +170,7 @@ def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_wi
     (1, 4, 1, "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"),
 ])
 def test_the_smaller_batch_keeps_the_global_batch_where_it_can(batch, accum, processes, expected):
-    from lorafit.train import smaller_batch
+    from lorafit.recipe import smaller_batch
 
     assert smaller_batch(batch, accum, processes) == expected
 
@@ -178,9 +179,10 @@ def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_compl
     import sys
 
     from lorafit.errors import LorafitError
-    from lorafit.train import TrainingRecipe, resume, train
+    from lorafit.recipe import TrainingRecipe
+    from lorafit.train import resume, train
 
-    train_mod = sys.modules["lorafit.train"]
+    train_mod = sys.modules["lorafit.recipe"]
     real_predict, real_finish, finishing = train_mod.predict_logits, TrainingRecipe._finish, []
 
     def finish(self, evaluate_test):
@@ -206,7 +208,7 @@ def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_compl
 
 
 def test_peak_gpu_memory_is_read_for_cuda_devices_only(monkeypatch):
-    from lorafit.train import peak_gpu_memory_gb
+    from lorafit.runtime import peak_gpu_memory_gb
 
     seen = []
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(device) or 2_345_678_901)

@@ -174,7 +174,7 @@ def test_a_4bit_layer_holding_a_plain_float_weight_is_one_line(tiny_model_dir):
 
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
 def test_speed_paths_that_rewrite_the_model_are_off_for_a_quantized_base(quantize):
-    from lorafit.train import speed_paths
+    from lorafit.forward_pass import speed_paths
 
     plain = Config().with_overrides({"precision": "fp32"})
     quantized = Config().with_overrides({"precision": "fp32", "quantize": quantize})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lorafit.train import TrainingRecipe
+from lorafit.recipe import TrainingRecipe
 
 
 def _cfg(tiny_model_dir, out, **overrides):
@@ -57,7 +57,7 @@ def test_step_by_step_with_callbacks_and_no_test_evaluation(tiny_model_dir, tmp_
 def test_a_recipe_that_never_evaluates_test_caches_no_test_prefix(tiny_model_dir, tmp_path):
     recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path), evaluate_test=False)  # as a search trial runs
     recipe.setup()
-    assert set(recipe.prefix.flat) == {"train", "validation"} and set(recipe.prefix_time) == {"train", "validation"}
+    assert set(recipe.forward.prefix.flat) == {"train", "validation"} and set(recipe.forward.prefix_time) == {"train", "validation"}
     while recipe.train_epoch():
         pass
     run = recipe.finish()
@@ -77,11 +77,12 @@ def test_a_callback_error_ends_the_run_as_failed_and_state_is_restored(tiny_mode
 
 
 def test_reuse_skips_tokenising_and_the_prefix_and_gives_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
-    train_module = importlib.import_module("lorafit.train")  # the module; lorafit.train is the function
+    prep_module = importlib.import_module("lorafit.data_prep")  # where the recipe encodes its splits
+    from lorafit.train import train
     from lorafit.prefix_cache import FrozenPrefix
 
     counts = {"encode": 0, "prefix": 0}
-    real_encode, real_compute = train_module.encode, FrozenPrefix.compute
+    real_encode, real_compute = prep_module.encode, FrozenPrefix.compute
 
     def encode(*args, **kwargs):
         counts["encode"] += 1
@@ -91,18 +92,18 @@ def test_reuse_skips_tokenising_and_the_prefix_and_gives_the_same_run(tiny_model
         counts["prefix"] += 1
         return real_compute(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "encode", encode)
+    monkeypatch.setattr(prep_module, "encode", encode)
     monkeypatch.setattr(FrozenPrefix, "compute", compute)
     reuse: dict = {}
-    first = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="a"), reuse=reuse)
+    first = train(_cfg(tiny_model_dir, tmp_path, run_name="a"), reuse=reuse)
     assert counts == {"encode": 3, "prefix": 3}
-    second = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="b"), reuse=reuse)
+    second = train(_cfg(tiny_model_dir, tmp_path, run_name="b"), reuse=reuse)
     assert counts == {"encode": 3, "prefix": 3}  # nothing tokenised or computed again
     assert second.test_metrics["loss"] == first.test_metrics["loss"]
     a = json.loads((first.path / "metrics.jsonl").read_text().splitlines()[-1])
     b = json.loads((second.path / "metrics.jsonl").read_text().splitlines()[-1])
     assert a["accuracy"] == b["accuracy"] and a["loss"] == b["loss"]
-    third = train_module.train(_cfg(tiny_model_dir, tmp_path, run_name="c", max_length=40), reuse=reuse)
+    third = train(_cfg(tiny_model_dir, tmp_path, run_name="c", max_length=40), reuse=reuse)
     assert counts == {"encode": 6, "prefix": 6} and third.path.name == "c"  # another key: computed afresh
 
 
@@ -122,18 +123,19 @@ def test_two_precisions_in_one_process(tiny_model_dir, tmp_path):
 def test_without_a_validation_split_the_last_weights_are_kept(tiny_model_dir, tmp_path, monkeypatch):
     import numpy as np
 
-    train_module = importlib.import_module("lorafit.train")  # the module; lorafit.train is the function
+    prep_module = importlib.import_module("lorafit.data_prep")  # where the recipe encodes its splits
+    from lorafit.train import train
     from lorafit.data import Split
 
-    real = train_module.load_data
+    real = prep_module.load_data
 
     def no_validation(cfg, seed):  # what --validation-size 0 gives (data.py)
         bundle = real(cfg, seed)
         bundle.validation = Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         return bundle
 
-    monkeypatch.setattr(train_module, "load_data", no_validation)
-    run = train_module.train(_cfg(tiny_model_dir, tmp_path, eval_every=2))
+    monkeypatch.setattr(prep_module, "load_data", no_validation)
+    run = train(_cfg(tiny_model_dir, tmp_path, eval_every=2))
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "completed" and info["weights"] == "last (no validation split)"
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
@@ -145,11 +147,11 @@ def test_the_progress_bar_keeps_epochs_and_steps_whole_in_80_columns():
 
     from rich.console import Console
 
-    from lorafit.train import _progress
+    from lorafit.console import progress_bar
 
     out = io.StringIO()
     console = Console(file=out, width=80, force_terminal=False)
-    with _progress(console, main=True) as progress:
+    with progress_bar(console, main=True) as progress:
         task = progress.add_task("train", total=10240, completed=1024, epoch="2/40",
                                  info="loss 0.3412  lr 9.87e-04  1234.5 samples/s and more words to overflow")
         progress.refresh()
@@ -158,7 +160,7 @@ def test_the_progress_bar_keeps_epochs_and_steps_whole_in_80_columns():
 
 
 def test_symmetric_kl_known_numbers():
-    from lorafit.train import symmetric_kl
+    from lorafit.rdrop import symmetric_kl
 
     # p = [0.75, 0.25], q = [0.5, 0.5]: KL(p||q) = 0.75 ln 1.5 + 0.25 ln 0.5, KL(q||p) = 0.5 ln(2/3) + 0.5 ln 2
     p, q = torch.tensor([[math.log(3), 0.0]]), torch.zeros(1, 2)
@@ -172,24 +174,26 @@ def test_symmetric_kl_known_numbers():
 def test_rdrop_runs_every_row_twice_with_its_own_dropout(tiny_model_dir, tmp_path, monkeypatch, cache):
     """Each step's penalty compares two predictions of the same rows that differ only by dropout, with the frozen
     prefix cached (the copies share its states) or not; with rdrop_alpha 0 nothing of it runs."""
-    train_module = importlib.import_module("lorafit.train")  # lorafit.train is also the train() function
+    from lorafit.train import recipe_for
+
+    rdrop_module = importlib.import_module("lorafit.rdrop")
     calls = []
-    real = train_module.symmetric_kl
+    real = rdrop_module.symmetric_kl
 
     def spy(a, b):
         calls.append((a.detach().clone(), b.detach().clone()))
         return real(a, b)
 
-    monkeypatch.setattr(train_module, "symmetric_kl", spy)
-    recipe = TrainingRecipe(_cfg(tiny_model_dir, tmp_path, rdrop_alpha=1.0, max_steps=3, batch_size=8,
+    monkeypatch.setattr(rdrop_module, "symmetric_kl", spy)
+    recipe = recipe_for(_cfg(tiny_model_dir, tmp_path, rdrop_alpha=1.0, max_steps=3, batch_size=8,
                                  lora_dropout=0.3, cache_frozen_prefix=cache))
     recipe.setup()
-    assert (recipe.prefix is not None) == cache
+    assert (recipe.forward.prefix is not None) == cache
     while recipe.train_epoch():
         pass
     assert len(calls) == 3
     for a, b in calls:
         assert a.shape == b.shape == (8, 4) and not torch.equal(a, b)
     calls.clear()
-    TrainingRecipe(_cfg(tiny_model_dir, tmp_path / "plain", max_steps=2, lora_dropout=0.3)).run()
+    recipe_for(_cfg(tiny_model_dir, tmp_path / "plain", max_steps=2, lora_dropout=0.3)).run()
     assert calls == []

@@ -9,9 +9,9 @@ from torch import nn
 
 from conftest import SAMPLE_TEXTS, tiny_config
 from lorafit.data import Collator, EncodedDataset, encode
-from lorafit.model import FastDropout, load_tokenizer, prepare_model
+from lorafit.model import load_tokenizer, prepare_model
 from lorafit.frozen import frozen_linears, int8_available
-from lorafit.train import frozen_mode, training_attention
+from lorafit.forward_pass import FastDropout, frozen_mode, training_attention
 
 
 def _dropouts(module: nn.Module) -> list[float]:
@@ -37,9 +37,9 @@ def test_default_keeps_hidden_dropout_and_drops_attention_dropout(tiny_model_dir
     hf = model.base_model.model.encoder.config
     assert hf.attention_probs_dropout_prob == 0.0 and hf.hidden_dropout_prob == 0.1
     assert set(_dropouts(model)) == {0.1, 0.0}  # 0.0: the LoRA path (lora_dropout 0)
-    from lorafit.train import fast_dropout
+    from lorafit.forward_pass import fast_dropout
 
-    with fast_dropout(model):  # the recipe's speed path (train.fast_dropout): every nn.Dropout is FastDropout ...
+    with fast_dropout(model):  # the recipe's speed path (forward_pass.fast_dropout): every nn.Dropout is FastDropout ...
         assert all(type(m) is not nn.Dropout for m in model.modules())
         assert set(_dropouts(model)) == {0.1, 0.0}
     assert not any(isinstance(m, FastDropout) for m in model.modules())  # ... and only within the block

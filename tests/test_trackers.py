@@ -43,11 +43,13 @@ def test_tensorboard_and_mlflow_receive_train_validation_and_test_metrics(tiny_m
 
 
 def test_a_missing_tracker_package_is_one_line_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
-    train_module = importlib.import_module("lorafit.train")
-    monkeypatch.setitem(train_module.TRACKER_PACKAGES, "wandb", "lorafit_no_such_package")
+    from lorafit.train import train
+
+    trackers = importlib.import_module("lorafit.trackers")
+    monkeypatch.setitem(trackers.TRACKER_PACKAGES, "wandb", "lorafit_no_such_package")
     cfg = tiny_config(tiny_model_dir("bert"), tmp_path, report_to=["wandb"])
     with pytest.raises(LorafitError, match=r"^train.report_to: wandb is not installed; pip install wandb") as err:
-        train_module.train(cfg)
+        train(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
 
@@ -66,7 +68,7 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(tiny_model_dir, t
     ({}, "machine api.wandb.ai login user password secret\nbogus\n", "offline"),  # a file netrc cannot parse
 ])
 def test_wandb_mode(tmp_path, env, netrc_text, mode):
-    from lorafit.train import wandb_mode
+    from lorafit.trackers import wandb_mode
 
     netrc = tmp_path / "netrc"
     if netrc_text is not None:
@@ -75,7 +77,7 @@ def test_wandb_mode(tmp_path, env, netrc_text, mode):
 
 
 def test_wandb_mode_reads_netrc_from_NETRC_then_home(tmp_path):
-    from lorafit.train import wandb_mode
+    from lorafit.trackers import wandb_mode
 
     (tmp_path / "a").write_text("machine api.wandb.ai login user password secret\n")
     assert wandb_mode({"NETRC": str(tmp_path / "a"), "HOME": str(tmp_path / "nowhere")}) == "online"

@@ -9,7 +9,6 @@
 __version__ = "0.1.0"
 
 from .config import Config  # noqa: E402
-from .distill import distill  # noqa: E402
 from .errors import LorafitError  # noqa: E402
 
 
@@ -17,6 +16,11 @@ from .errors import LorafitError  # noqa: E402
 # the same name that Python would otherwise set as an attribute on first import.
 from .predict import Classifier, load  # noqa: E402
 from .search import search  # noqa: E402
-from .train import Run, train  # noqa: E402
+import importlib  # noqa: E402
+
+# the distill submodule first: a later first import would rebind `lorafit.distill` from the function to it
+importlib.import_module(f"{__name__}.distill")
+from .recipe import Run  # noqa: E402
+from .train import distill, train  # noqa: E402
 
 __all__ = ["Classifier", "Config", "LorafitError", "Run", "distill", "load", "search", "train", "__version__"]

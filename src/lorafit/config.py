@@ -565,3 +565,14 @@ assert not set(SEARCH_FIELDS) & set(FIELD_SECTIONS), "leaf names must be unique"
 # the distill section's leaves are flags of `lorafit distill` only, kept apart from SECTIONS like search's
 DISTILL_FIELDS = tuple(DistillConfig.model_fields)
 assert not set(DISTILL_FIELDS) & (set(FIELD_SECTIONS) | set(SEARCH_FIELDS)), "leaf names must be unique"
+
+
+def as_config(config) -> Config:
+    """A Config from what the Python API accepts: a Config, a dict, a YAML path, or None for the defaults."""
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return Config.from_dict(config)
+    return Config.from_yaml(config)

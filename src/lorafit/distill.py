@@ -2,7 +2,8 @@
 
     run = lorafit.distill("runs/mpnet-teacher", student="embedded:all-MiniLM-L6-v2", student_layers=3)
 
-The student is a normal run trained by train.TrainingRecipe; what distillation adds lives here:
+The student is a normal run of recipe.TrainingRecipe with the Distillation extension (entry point: train.distill);
+what distillation adds lives here:
 - the student's config: the teacher's data section (same file, splits and split seed, so validation and test
   are exactly the teacher's), the teacher's model and train sections unless others are given, and a distill:
   section (teacher run, temperature, loss weights, unlabelled file, augmented copies);
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DISTILL_FIELDS, FIELD_SECTIONS, Config
+from .config import DISTILL_FIELDS, FIELD_SECTIONS, Config, as_config
 from .errors import LorafitError
 from .fileio import atomic_write_bytes
+from .extensions import Extension
 
 CACHE_DIR = "distill-cache"
 # cross_entropy's ignore_index: an unlabelled row carries no hard label, only the teacher's logits
@@ -213,55 +215,91 @@ def augment_texts(texts: list[str], copies: int, seed: int) -> list[str]:
     return out
 
 
-class Teacher:
-    """What a student recipe holds of its teacher: per-example logits for its training rows (indexed like the
-    recipe's encoded train split, unlabelled rows appended) and the facts run.json records."""
+class DistillationLoss:
+    """The student's loss function (recipe.LossFn): distillation_loss against the teacher's logits of the batch's
+    rows (`index`: the rows' positions in the encoded train split, unlabelled rows appended)."""
 
-    def __init__(self, logits: torch.Tensor, info: dict[str, Any]):
-        self.logits = logits
-        self.info = info
+    def __init__(self, teacher_logits: torch.Tensor, cfg: Config):
+        self.teacher_logits = teacher_logits
+        self.cfg = cfg
 
-    @classmethod
-    def attach(cls, recipe) -> "Teacher":
-        """Check the teacher, append the unlabelled and augmented rows to the recipe's encoded train split (label
-        IGNORE_LABEL) and load or compute the teacher's logits for every training row. Called before the run
-        directory exists, so bad input writes nothing."""
+    def __call__(self, forward, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.distill
+        logits = forward(batch)
+        if self.teacher_logits.device != logits.device:  # moved once, on the first step
+            self.teacher_logits = self.teacher_logits.to(logits.device)
+        loss = distillation_loss(logits.float(), batch["labels"], self.teacher_logits[batch["index"]], d.temperature,
+                                 d.soft_weight, d.hard_weight, self.cfg.train.label_smoothing)
+        return loss, logits
+
+
+class Distillation(Extension):
+    """`lorafit distill` as a recipe extension: the teacher's logits for every training row (plus unlabelled and
+    augmented rows, which join the training split with label IGNORE_LABEL) and the distillation loss."""
+
+    def __init__(self):
+        self.teacher_logits: Optional[torch.Tensor] = None
+        self.info: dict[str, Any] = {}  # run.json's distillation section
+
+    def prepare_data(self, recipe, data):
+        """Check the teacher, append the unlabelled and augmented rows and load or compute the teacher's logits
+        for every training row. Runs before the run directory exists, so bad input writes nothing."""
+        from dataclasses import replace
+
         from .data import Encoded, encode
 
-        cfg, d = recipe.cfg, recipe.cfg.distill
-        precision = "bf16" if recipe.precision == "bf16" else "fp32"  # the teacher's, for its logits
-        teacher_cfg, teacher_info = check_teacher(d.teacher_run, recipe.bundle.label_names, precision)
+        cfg, d, bundle = recipe.cfg, recipe.cfg.distill, data.bundle
+        runtime = recipe.runtime
+        precision = "bf16" if runtime.precision == "bf16" else "fp32"  # the teacher's, for its logits
+        teacher_cfg, teacher_info = check_teacher(d.teacher_run, bundle.label_names, precision)
         unlabelled = read_unlabelled(d.unlabelled_file, d.unlabelled_text_column, cfg.data.clean_text) \
             if d.unlabelled_file else []
-        augmented = augment_texts(recipe.bundle.train.texts, d.augment_copies, cfg.data_seed)
+        augmented = augment_texts(bundle.train.texts, d.augment_copies, cfg.data_seed)
         soft_only = unlabelled + augmented  # rows with the teacher's logits and no hard label
         if soft_only:
-            extra = encode(recipe.tokenizer, soft_only, cfg.data.max_length)
-            train = recipe.encoded["train"]
-            recipe.encoded = {**recipe.encoded, "train": Encoded(
-                train.input_ids + extra.input_ids,
-                np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
-                np.concatenate([train.full_lengths, extra.full_lengths]))}  # a copy: `reuse` keeps the plain one
-            recipe.bundle.summary["unlabelled_rows"] = len(unlabelled)
-            recipe.bundle.summary["augmented_rows"] = len(augmented)
+            extra = encode(data.tokenizer, soft_only, cfg.data.max_length)
+            train = data.encoded["train"]
+            # new objects: a search's `reuse` keeps the plain data
+            data = replace(data, bundle=replace(bundle, summary={**bundle.summary, "unlabelled_rows": len(unlabelled),
+                                                                 "augmented_rows": len(augmented)}),
+                           encoded={**data.encoded, "train": Encoded(
+                               train.input_ids + extra.input_ids,
+                               np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
+                               np.concatenate([train.full_lengths, extra.full_lengths]))})
         # every process needs the logits; the main process computes and caches them first, the others read the cache.
         # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
         # units its torch logits come much faster: docs/distill.md); other precisions predict in fp32.
-        with recipe.process.main_process_first():
-            logits, cache = teacher_logits(d.teacher_run, recipe.bundle.train.texts + soft_only,
-                                           cfg.train.eval_batch_size, recipe.console if recipe.main else None,
-                                           device=str(recipe.process.device), precision=precision)
-        return cls(torch.from_numpy(logits), {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
-                                              "unlabelled_rows": len(unlabelled), "augmented_rows": len(augmented),
-                                              **cache})
+        with runtime.process.main_process_first():
+            logits, cache = teacher_logits(d.teacher_run, bundle.train.texts + soft_only, cfg.train.eval_batch_size,
+                                           recipe.console if runtime.main else None, device=str(runtime.device),
+                                           precision=precision)
+        self.teacher_logits = torch.from_numpy(logits)
+        self.info = {**teacher_summary(Path(d.teacher_run), teacher_cfg, teacher_info),
+                     "unlabelled_rows": len(unlabelled), "augmented_rows": len(augmented), **cache}
+        return data
 
-    def loss(self, logits: torch.Tensor, batch: dict, cfg: Config) -> torch.Tensor:
-        d = cfg.distill
-        if self.logits.device != logits.device:  # moved once, on the first step
-            self.logits = self.logits.to(logits.device)
-        teacher = self.logits[batch["index"]]
-        return distillation_loss(logits, batch["labels"], teacher, d.temperature, d.soft_weight, d.hard_weight,
-                                 cfg.train.label_smoothing)
+    def loss_fn(self, recipe, loss_fn):
+        return DistillationLoss(self.teacher_logits, recipe.cfg)  # in place of the plain cross-entropy
+
+    def on_start(self, recipe) -> None:
+        recipe.record.update(distillation={**recipe.record.data.get("distillation", {}), **self.info})
+
+    def on_finish(self, recipe, test_metrics: dict[str, Any]) -> None:
+        """run.json's distillation section gets the student's side: its layers and its predict speed."""
+        from rich.markup import escape
+
+        from .errors import describe
+
+        texts, speed = recipe.data.bundle.test.texts, {}
+        try:
+            speed = student_speed(recipe.run_dir, texts, recipe.cfg.train.eval_batch_size) if texts else {}
+        except Exception as exc:  # noqa: BLE001 - a measurement for the record must never fail a finished run
+            recipe.console.print(f"[yellow]warning: the student's predict speed could not be measured "
+                                 f"({escape(describe(exc))})[/]")
+        recipe.record.update(distillation={**recipe.record.data.get("distillation", {}), **self.info,
+                                           "student_layers": layer_count(recipe.cfg), **speed,
+                                           "speed_measured": "in-run: teacher while computing its logits, student "
+                                                             "on the test split"})
 
 
 def teacher_summary(teacher: Path, cfg: Config, info: dict) -> dict[str, Any]:
@@ -323,7 +361,6 @@ def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, st
     from datetime import datetime
 
     from .config import OutputConfig
-    from .train import as_config
 
     teacher = Path(teacher_run)
     teacher_cfg, _ = check_teacher(teacher)
@@ -354,12 +391,3 @@ def student_config(teacher_run: Union[str, Path], config: Union[Config, dict, st
         name = f"{teacher.name}-student-{model}{layers}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         cfg = cfg.with_overrides({"run_name": name})
     return cfg
-
-
-def distill(teacher_run: Union[str, Path], config: Union[Config, dict, str, Path, None] = None, *, console=None,
-            **overrides):
-    """Train a student on a completed teacher run's logits (see the module doc); return the student's Run.
-    Overrides are leaf names as in lorafit.train, plus student= (the model) and student_layers= (K)."""
-    from .train import train
-
-    return train(student_config(teacher_run, config, **overrides), console=console)

@@ -204,3 +204,48 @@ def evaluation_dir(run_dir: Path, source: Path) -> Path:
     """Where `lorafit evaluate RUN -i FILE` writes by default: RUN/evaluations/<FILE's name without suffixes>."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name.split(".")[0]) or "evaluation"
     return Path(run_dir) / EVALUATIONS_DIR / name
+
+
+# --- what train writes besides run.json ------------------------------------------------------------------------
+METRICS = "metrics.jsonl"
+TEST_METRICS = "test_metrics.json"
+SPLITS = "splits.json"
+
+
+def now() -> str:
+    """A timestamp as run.json records them (UTC, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_inputs(run_dir: Path, cfg: Config, bundle, tokenizer) -> None:
+    """What a new run starts from: config.yaml, labels.json, data.json, splits.json and tokenizer/."""
+    cfg.to_yaml(run_dir / "config.yaml")
+    atomic_write_json(run_dir / "labels.json", bundle.label_names)
+    atomic_write_json(run_dir / "data.json", bundle.summary)
+    atomic_write_json(run_dir / SPLITS, {k: getattr(bundle, k).source_rows.tolist()
+                                         for k in ("train", "validation", "test")})
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+
+
+def read_splits(run_dir: Path) -> dict[str, list[int]]:
+    return json.loads((Path(run_dir) / SPLITS).read_text(encoding="utf-8"))
+
+
+def write_test_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / TEST_METRICS, metrics)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """A resumed run drops the rows logged after its checkpoint (and the test row): it logs those steps again."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if row.get("step", 0) <= step and row.get("split") != "test":
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .config import DEFAULT_SEARCH_SPACE, SEARCH_FIELDS, Config, ModelConfig, ParamSpec, SearchConfig
+from .config import DEFAULT_SEARCH_SPACE, SEARCH_FIELDS, Config, ModelConfig, ParamSpec, SearchConfig, as_config
 from .errors import LorafitError, describe
 from .fileio import atomic_write_json, atomic_write_text
 
@@ -51,8 +51,6 @@ class SearchResult:
 # --- config and space ------------------------------------------------------------------------------------
 def search_config(config: Union[Config, dict, str, Path, None] = None, **overrides) -> Config:
     """The base config with a search section; flat overrides may name train fields or search fields."""
-    from .train import as_config
-
     cfg = as_config(config)
     search_over = {k: overrides.pop(k) for k in list(overrides) if k in SEARCH_FIELDS or k == "space"}
     if overrides:
@@ -438,7 +436,7 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
     label_names = load_data(cfg.data, cfg.data_seed).label_names
     counter = ParamCounter(cfg.model, label_names)
     if recipe_factory is None:
-        from .train import TrainingRecipe as recipe_factory
+        from .train import recipe_for as recipe_factory
 
     quiet = Console(quiet=True)  # one live display at a time: trials train silently under the study's bar
     objective = Objective(cfg, study_dir, counter, recipe_factory, quiet)
