@@ -116,18 +116,45 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path):
     assert "cannot open the study storage" in result.output and "secret" not in result.output
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(lora_r=4, target_modules=["query", "value"], lora_layers=[-1]),
-    dict(lora_r=8, target_modules=["all-linear"], lora_layers=None, lora_bias="all"),
-    dict(method="head", pooling="cls"),
-    dict(method="full"),
-])
-def test_budget_count_on_meta_skeleton_matches_the_built_model(tiny_model_dir, overrides):
+# search's count and the model prepare_model trains come from one function (model.make_trainable); these fail
+# if a second rule for what trains (LoRA targets, the head, freezing) ever creeps back into the counter
+AGREEMENT_CASES = [
+    ("bert", dict(lora_r=4, target_modules=["query", "value"], lora_layers=[-1])),
+    ("bert", dict(lora_r=8, target_modules=["all-linear"], lora_layers=None, lora_bias="all")),
+    ("bert", dict(lora_r=2, target_modules=["query", "value"], lora_layers=None, pooling="cls")),
+    ("bert", dict(lora_r=16, target_modules=["all-linear"], lora_layers=[0], num_layers=1)),
+    ("bert", dict(method="head", pooling="cls")),
+    ("bert", dict(method="head")),
+    ("bert", dict(method="full")),
+    ("bert", dict(method="full", num_layers=1)),
+    ("distilbert", dict(lora_r=4, target_modules=["q_lin", "v_lin"], lora_layers=[-2, -1], pooling="cls")),
+    ("distilbert", dict(method="head", pooling="cls")),  # pre_classifier + classifier
+    ("roberta", dict(lora_r=4, target_modules=["query", "value"], lora_bias="lora_only", pooling="cls")),
+]
+
+
+@pytest.mark.parametrize("family,overrides", AGREEMENT_CASES, ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={v[k]}" for k in v))
+def test_budget_count_on_meta_skeleton_matches_the_built_model(tiny_model_dir, family, overrides):
     from lorafit.model import prepare_model
 
-    cfg = ModelConfig(model=str(tiny_model_dir("bert")), param_budget=None, **overrides)
+    cfg = ModelConfig(model=str(tiny_model_dir(family)), param_budget=None, **overrides)
     _, info = prepare_model(cfg, 4, ["a", "b", "c", "d"])
     assert ParamCounter(cfg, ["a", "b", "c", "d"]).count(cfg) == info.trainable
+
+
+def test_budget_count_follows_the_trials_architecture_not_the_base_configs(tiny_model_dir):
+    """pooling and num_layers may be searched: one counter (made from the study's base config) counts each trial's
+    own architecture, as prepare_model would build it."""
+    from lorafit.model import prepare_model
+
+    labels = ["a", "b", "c", "d"]
+    base = ModelConfig(model=str(tiny_model_dir("distilbert")), param_budget=None, method="head")
+    counter = ParamCounter(base, labels)
+    assert counter.count() == prepare_model(base, 4, labels)[1].trainable
+    for update in (dict(pooling="cls"), dict(method="full", num_layers=1), dict(method="full")):
+        trial = base.model_copy(update=update)
+        assert counter.count(trial) == prepare_model(trial, 4, labels)[1].trainable, update
 
 
 def test_over_budget_trials_are_never_trained(base, tmp_path):

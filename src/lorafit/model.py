@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -269,11 +270,16 @@ def _prepare_kbit(model: nn.Module, quantize: str) -> nn.Module:
     return prepare_model_for_kbit_training(model)
 
 
-def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quantize: str = "none") -> nn.Module:
+def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quantize: str = "none",
+               weights: bool = True) -> nn.Module:
     """The backbone with a fresh (or, for cls, the architecture's own) classification head, all weights frozen-agnostic.
-    `quantize` loads the frozen base through bitsandbytes (training only: inference loads it in full precision)."""
+    `quantize` loads the frozen base through bitsandbytes (training only: inference loads it in full precision).
+    `weights=False` builds the same architecture from its config alone on the meta device (no weights read, no
+    memory; `quantize` is ignored, as 4-bit storage does not change what trains): what search counts parameters on."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+    if not weights:
+        quantize = "none"
     if quantize != "none":
         check_quantization(cfg)
 
@@ -287,17 +293,18 @@ def build_base(cfg: ModelConfig, num_labels: int, label_names: list[str], quanti
     checkpoint_dropout = getattr(hf_config, "hidden_dropout_prob", getattr(hf_config, "dropout", 0.1)) or 0.0
     set_dropouts(hf_config, cfg.encoder_dropout, cfg.attention_dropout, cfg.classifier_dropout)
     loader = AutoModelForSequenceClassification if cfg.pooling == "cls" else AutoModel
-    quantized = _quantized_load_kwargs(quantize, unquantized_modules(loader, hf_config, cfg.trust_remote_code)
-                                       if quantize != "none" else None)
-    if cfg.pooling == "cls":
-        return _prepare_kbit(load_pretrained(
-            AutoModelForSequenceClassification.from_pretrained, cfg.model, config=hf_config,
-            trust_remote_code=cfg.trust_remote_code, **quantized,
-        ), quantize)
-    encoder = _prepare_kbit(load_pretrained(AutoModel.from_pretrained, cfg.model, config=hf_config,
-                                             trust_remote_code=cfg.trust_remote_code, **quantized), quantize)
-    dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
-    return MeanPoolingClassifier(encoder, num_labels, dropout)
+    with contextlib.nullcontext() if weights else torch.device("meta"):
+        if weights:
+            quantized = _quantized_load_kwargs(quantize, unquantized_modules(loader, hf_config, cfg.trust_remote_code)
+                                               if quantize != "none" else None)
+            model = _prepare_kbit(load_pretrained(loader.from_pretrained, cfg.model, config=hf_config,
+                                                  trust_remote_code=cfg.trust_remote_code, **quantized), quantize)
+        else:  # from_pretrained refuses the meta device; from_config reads no weights
+            model = loader.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+        if cfg.pooling == "cls":
+            return model
+        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else checkpoint_dropout
+        return MeanPoolingClassifier(model, num_labels, dropout)
 
 
 def encoder_layer_count(hf_config) -> Optional[int]:
@@ -418,9 +425,12 @@ def find_target_modules(model: nn.Module, targets: list[str], layers: Optional[l
     return sorted(set(chosen), key=chosen.index)
 
 
-def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
-    """Build the model and mark what trains, per method; check the budget."""
-    base = build_base(cfg, num_labels, label_names, quantize=cfg.quantize)
+def make_trainable(cfg: ModelConfig, base: nn.Module) -> tuple[nn.Module, ModelInfo]:
+    """The one rule for what trains, per cfg.method, applied to build_base's backbone + head (with its weights, or
+    the meta-device skeleton search counts on): LoRA adapters through PEFT on find_target_modules' layers with the
+    head trained whole (modules_to_save), every weight (full), or the head alone (head). Returns the model (for
+    LoRA a PeftModel wrapping `base`; otherwise `base` itself, changed in place) and its parameter counts.
+    prepare_model trains what this returns; search.ParamCounter counts it."""
     heads = head_module_names(base)
     targets: list[str] = []
     if cfg.method == "lora":
@@ -437,7 +447,12 @@ def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> 
         model = base
         for name, p in model.named_parameters():
             p.requires_grad = cfg.method == "full" or is_head_parameter(model, name)
-    info = count_parameters(model, targets, heads)
+    return model, count_parameters(model, targets, heads)
+
+
+def prepare_model(cfg: ModelConfig, num_labels: int, label_names: list[str]) -> tuple[nn.Module, ModelInfo]:
+    """Build the model with its weights, mark what trains (make_trainable); check the budget."""
+    model, info = make_trainable(cfg, build_base(cfg, num_labels, label_names, quantize=cfg.quantize))
     check_budget(info, cfg.param_budget)
     return model, info
 

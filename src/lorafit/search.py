@@ -109,68 +109,35 @@ def _describe_space(space: dict[str, ParamSpec]) -> str:
 
 # --- the budget: trainable parameters counted before any training -----------------------------------------
 class ParamCounter:
-    """Trainable parameters of a model config, counted on a meta-device skeleton (no weights loaded, no memory),
-    cached per setting that changes the count, so the sampler can be told 'over budget' in milliseconds."""
+    """Trainable parameters of a model config: model.make_trainable (the function prepare_model trains with) applied
+    to model.build_base's meta-device skeleton (no weights loaded, no memory), cached per setting that changes the
+    count, so the sampler can be told 'over budget' in milliseconds. `model_cfg` is the study's base model config,
+    counted when count() is given none; a trial's own backbone, pooling and layer count are the ones counted."""
 
     def __init__(self, model_cfg: ModelConfig, label_names: list[str]):
         self.label_names = label_names
-        self._skeleton = None
         self._model_cfg = model_cfg
+        self._skeletons: dict[tuple, Any] = {}
         self._cache: dict[tuple, int] = {}
 
-    def _base(self):
-        # from_config on the meta device: the architecture without reading weights (from_pretrained refuses meta)
-        if self._skeleton is None:
-            import torch
-            from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
-            from .model import MeanPoolingClassifier, resolve_model_path
-
-            cfg = self._model_cfg
-            n = len(self.label_names)
-            try:
-                hf_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), num_labels=n,
-                                                       trust_remote_code=cfg.trust_remote_code)
-            except (OSError, ValueError) as exc:
-                raise LorafitError(f"model '{cfg.model}': its config could not be loaded ({str(exc).splitlines()[0][:200]})") from None
-            with torch.device("meta"):
-                if cfg.pooling == "cls":
-                    self._skeleton = AutoModelForSequenceClassification.from_config(
-                        hf_config, trust_remote_code=cfg.trust_remote_code)
-                else:
-                    self._skeleton = MeanPoolingClassifier(AutoModel.from_config(hf_config), n, 0.0)
-        return self._skeleton
-
-    def count(self, cfg: ModelConfig) -> int:
-        key = (cfg.method, cfg.pooling, cfg.lora_r, tuple(cfg.target_modules),
-               None if cfg.lora_layers is None else tuple(cfg.lora_layers), cfg.lora_bias)
+    def count(self, cfg: Optional[ModelConfig] = None) -> int:
+        cfg = cfg if cfg is not None else self._model_cfg
+        # what build_base's architecture depends on, then what make_trainable's choice of trained weights does
+        arch = (cfg.model, cfg.trust_remote_code, cfg.pooling, cfg.num_layers)
+        key = arch + (cfg.method, cfg.lora_r, tuple(cfg.target_modules),
+                      None if cfg.lora_layers is None else tuple(cfg.lora_layers), cfg.lora_bias)
         if key not in self._cache:
-            self._cache[key] = self._count(cfg)
+            import torch
+
+            from .model import build_base, make_trainable
+
+            if arch not in self._skeletons:
+                self._skeletons[arch] = build_base(cfg, len(self.label_names), self.label_names, weights=False)
+            with torch.device("meta"):  # adapters and head copies on the meta device too
+                # make_trainable changes the model it is given; a copy of meta tensors costs nothing
+                _, info = make_trainable(cfg, copy.deepcopy(self._skeletons[arch]))
+            self._cache[key] = info.trainable
         return self._cache[key]
-
-    def _count(self, cfg: ModelConfig) -> int:
-        import torch
-
-        from .model import count_parameters, find_target_modules, head_module_names
-
-        base = copy.deepcopy(self._base())  # meta tensors: copying costs nothing
-        heads = head_module_names(base)
-        targets: list[str] = []
-        with torch.device("meta"):
-            if cfg.method == "lora":
-                # the same LoraConfig as model.prepare_model builds (tests check the counts agree)
-                from peft import LoraConfig, get_peft_model
-
-                targets = find_target_modules(base, cfg.target_modules, cfg.lora_layers)
-                lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                  bias=cfg.lora_bias, target_modules=list(targets), modules_to_save=list(heads),
-                                  task_type="SEQ_CLS" if cfg.pooling == "cls" else None)
-                model = get_peft_model(base, lora)
-            else:
-                model = base
-                for name, p in model.named_parameters():
-                    p.requires_grad = cfg.method == "full" or name.startswith(tuple(f"{h}." for h in heads))
-        return count_parameters(model, targets, heads).trainable
 
 
 # --- storage and study -----------------------------------------------------------------------------------
