@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import io
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import report_result, run_child, run_header, seed_stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,7 +131,7 @@ def worker(spec: str, seed: int, args) -> None:
         result = run_tfidf(seed, args)
     else:
         result = run_lorafit(spec, seed, args)
-    print("RESULT " + json.dumps(result), flush=True)
+    report_result(result)
 
 
 # --- the table ---------------------------------------------------------------------------------------------
@@ -177,13 +177,6 @@ def same_run(saved_key: dict, key: dict) -> bool:
     for section, values in ADDED_WITH_NEW_BEHAVIOUR.items():
         defaults[section].update(values)
     return {**saved_key, "definition": with_defaults(saved_key["definition"], defaults)} == key
-
-
-def seed_stats(runs: list[dict], key: str) -> dict:
-    """Mean, sample std (None from one seed), min and max of `key` over the seeds' runs."""
-    values = [r[key] for r in runs]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -254,8 +247,6 @@ def main() -> None:
         worker(args.worker, args.seed, args)
         return
 
-    from cpu_kernels import cpu_summary
-
     from lorafit.fileio import atomic_write_json, atomic_write_text
 
     specs = [*PRESETS, *args.configs, *BASELINES]
@@ -268,10 +259,8 @@ def main() -> None:
             parser.error(f"--only: unknown {', '.join(unknown)}; known: {', '.join(names)}")
         names = {n: s for n, s in names.items() if n in args.only.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "cpu": cpu_summary(), "seeds": seeds, "epochs_override": args.epochs,
-              "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    header = run_header(seeds=seeds, epochs_override=args.epochs, max_train_samples=args.max_train_samples,
+                        max_eval_samples=args.max_eval_samples)
     print(f"accuracy bench, {header['date']}\nCPU: {header['cpu']}\n", flush=True)
 
     out = Path(args.out)
@@ -293,12 +282,11 @@ def main() -> None:
                     cmd += [flag, str(value)]
             print(f"running {name} seed {seed} ...", flush=True)
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"  {name} seed {seed} failed:\n{(proc.stderr or proc.stdout)[-3000:]}", flush=True)
+            result, error = run_child(cmd)
+            if result is None:
+                print(f"  {name} seed {seed} failed:\n{error}", flush=True)
                 continue
-            result = dict(json.loads(line[7:]), contender=name, seed=seed, process_s=round(time.time() - t0, 1))
+            result.update(contender=name, seed=seed, process_s=round(time.time() - t0, 1))
             runs.setdefault(name, []).append(result)
             atomic_write_json(saved, {"key": key, "date": header["date"], "cpu": header["cpu"], "result": result})
             print(f"  accuracy {result['accuracy']:.4f}  macro F1 {result['f1_macro']:.4f}  "

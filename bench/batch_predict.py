@@ -24,19 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
+import runpy
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import cpu_summary, peak_rss_mib, report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 OUT = Path(__file__).resolve().parent / "out" / "batch_predict"
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cpu_kernels.py
 
 
 def rss_mib() -> float:
@@ -46,10 +46,6 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # --- contenders: (run, input, output, chunk_rows) -> {rows, seconds, loaded_rss_mib} ------------------------
@@ -160,13 +156,11 @@ def tiny_run(out: Path) -> Path:
     run = out / "tiny-run" / "run"
     if (run / "run.json").is_file():
         return run
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: E402  the tests' tiny model and config
-
     import lorafit
 
-    model = conftest.make_tiny_model("bert", out / "tiny-model")
-    return lorafit.train(conftest.tiny_config(model, out / "tiny-run", pooling="cls")).path
+    tests = runpy.run_path(str(ROOT / "tests" / "conftest.py"))  # the tests' tiny model and config
+    model = tests["make_tiny_model"]("bert", out / "tiny-model")
+    return lorafit.train(tests["tiny_config"](model, out / "tiny-run", pooling="cls")).path
 
 
 # --- measurement ---------------------------------------------------------------------------------------------
@@ -178,7 +172,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     result = CONTENDERS[args.child](Path(args.run), Path(args.input), Path(args.output), args.chunk_rows)
     result["peak_rss_mib"] = result.pop("tree_peak_rss_mib", None) or peak_rss_mib()
-    print(json.dumps(result))
+    report_result(result)
 
 
 def measure(name: str, run: Path, input: Path, chunk_rows: int, threads: int) -> dict:
@@ -186,10 +180,10 @@ def measure(name: str, run: Path, input: Path, chunk_rows: int, threads: int) ->
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         cmd = [sys.executable, __file__, "--child", name, "--run", str(run), "--input", str(input),
                "--output", str(Path(tmp) / "preds.csv"), "--chunk-rows", str(chunk_rows), "--threads", str(threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} on {input} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        result, error = run_child(cmd)
+    if result is None:
+        raise SystemExit(f"{name} on {input} failed:\n{error}")
+    return result
 
 
 def main() -> None:
@@ -205,8 +199,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-
-    from cpu_kernels import cpu_summary
 
     OUT.mkdir(parents=True, exist_ok=True)
     run = args.run or tiny_run(OUT)

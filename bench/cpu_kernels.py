@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from common import cpu_summary
+
 
 def gflops(fn, flop: float, repeat: int = 30) -> float:
     for _ in range(3):
@@ -22,32 +24,6 @@ def gflops(fn, flop: float, repeat: int = 30) -> float:
     for _ in range(repeat):
         fn()
     return flop * repeat / (time.perf_counter() - t0) / 1e9
-
-
-def cpu_name() -> str:
-    """The CPU's model name (e.g. 'AMD EPYC 7B13'), for benchmark headers."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_summary() -> str:
-    """One line naming the CPU and what lorafit can use on it; benchmark headers print it."""
-    import os
-
-    from lorafit.frozen import int8_available
-    from lorafit.runtime import cpu_supports_bf16
-
-    return (f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
-            f"capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_supports_bf16()}, "
-            f"fbgemm int8: {int8_available()}")
 
 
 def kernel_gflops(rows: int = 16 * 56, shapes=((384, 384), (384, 1536), (1536, 384))) -> list[dict]:

@@ -7,7 +7,7 @@ reads the export's own accuracy check. Prints, per contender: test accuracy (mea
 and the means of the fp32 and int8 checks and of macro F1), mean train time, and for the first seed's run the
 inference texts/s of each backend (torch fp32, ONNX fp32, ONNX int8; lorafit.load + decision_function, as
 `lorafit predict` runs) with the ratio to the dynamic-padding Trainer.predict peer on the default MiniLM run
-(bench/inference.py's peer_predict and best_time). Saves everything to bench/out/distill.json (or --out).
+(bench/inference.py's peer_predict). Saves everything to bench/out/distill.json (or --out).
 
 Contenders
   teacher    --teacher-model (default embedded:all-mpnet-base-v2) with lorafit's default recipe: LoRA on the top 2
@@ -29,20 +29,18 @@ Contenders
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from common import best_time, run_header, seed_stats
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/inference.py, bench/cpu_kernels.py
 
 MINILM = "embedded:all-MiniLM-L6-v2"
 STUDENTS = {"minilm6": {"student": MINILM}, "minilm3": {"student": MINILM, "student_layers": 3},
@@ -112,7 +110,6 @@ def export_accuracies(run: dict) -> None:
 def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, float]:
     """texts/s of each predict backend on the run's test texts (the run is exported already)."""
     import lorafit
-    from inference import best_time
 
     speeds = {}
     for backend in BACKENDS:
@@ -125,7 +122,7 @@ def backend_speeds(run_dir: Path, texts: list[str], repeat: int) -> dict[str, fl
 
 def peer_speed(run_dir: Path, texts: list[str], repeat: int, batch_size: int) -> float:
     """texts/s of the dynamic-padding Trainer.predict peer on `run_dir` (bench/inference.py)."""
-    from inference import best_time, peer_predict
+    from inference import peer_predict
 
     _, fn = peer_predict(run_dir, texts, batch_size, dynamic=True)
     seconds, _ = best_time(fn, repeat)
@@ -133,8 +130,6 @@ def peer_speed(run_dir: Path, texts: list[str], repeat: int, batch_size: int) ->
 
 
 def summarise(runs: list[dict]) -> dict:
-    from accuracy import seed_stats  # bench/accuracy.py: the same per-seed statistics as its table
-
     return {"runs": len(runs), **{key: seed_stats(runs, key) for key in ACCURACIES},
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs)}
 
@@ -183,7 +178,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import lorafit
-    from cpu_kernels import cpu_summary
 
     seeds = [int(s) for s in args.seeds.split(",")]
     students = [s for s in args.students.split(",") if s]
@@ -199,21 +193,19 @@ def main() -> None:
     except ValueError as exc:
         ap.error(str(exc))
     runs_dir = args.out / "runs" / "distill"
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "cpu": cpu_summary(), "seeds": seeds, "teacher_model": args.teacher_model,
-              "teacher_runs": [str(p) for p in args.teacher_run], "student_set": student_set, "epochs": args.epochs,
-              "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    header = run_header(seeds=seeds, teacher_model=args.teacher_model, teacher_runs=[str(p) for p in args.teacher_run],
+                        student_set=student_set, epochs=args.epochs, max_train_samples=args.max_train_samples,
+                        max_eval_samples=args.max_eval_samples)
     print(f"distillation bench, {header['date']}\nCPU: {header['cpu']}\n", flush=True)
 
     runs: dict[str, list[dict]] = {"teacher": [], "default": [], **{s: [] for s in students}}
     for i, seed in enumerate(seeds):
-        common = {**overrides(args, seed), "output_dir": str(runs_dir), "overwrite": True}
+        every_run = {**overrides(args, seed), "output_dir": str(runs_dir), "overwrite": True}
         if args.teacher_run:
             teacher = completed_run(args.teacher_run[i % len(args.teacher_run)])
         else:
             print(f"seed {seed}: teacher {args.teacher_model}", flush=True)
-            teacher = lorafit.train(model=args.teacher_model, run_name=f"teacher-s{seed}", **common,
+            teacher = lorafit.train(model=args.teacher_model, run_name=f"teacher-s{seed}", **every_run,
                                     **data_overrides(args))
         runs["teacher"].append(result(teacher))
         # the teacher's data and split, so that its test rows are the baseline's too
@@ -225,11 +217,11 @@ def main() -> None:
                          f"({teacher.path}); give the default run of the same seed and data")
         else:
             print(f"seed {seed}: default MiniLM, trained directly", flush=True)
-            default = lorafit.train(lorafit.Config(data=data), run_name=f"default-s{seed}", **common)
+            default = lorafit.train(lorafit.Config(data=data), run_name=f"default-s{seed}", **every_run)
         runs["default"].append(result(default))
         for name in students:
             print(f"seed {seed}: student {name}", flush=True)
-            options = {**STUDENTS[name], **common, **student_set}  # --student-set wins over --epochs
+            options = {**STUDENTS[name], **every_run, **student_set}  # --student-set wins over --epochs
             runs[name].append(result(lorafit.distill(teacher.path, run_name=f"{name}-s{seed}", **options)))
 
     print("\nexports (ONNX fp32 + int8) and their accuracy checks:", flush=True)

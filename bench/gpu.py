@@ -34,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from common import cpu_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,7 +95,7 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores; no CUDA GPU)"
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores; no CUDA GPU)"
 
 
 def tokenizer_dir(given: Optional[str]) -> Path:

@@ -35,7 +35,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +46,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from common import best_time, command_line, cpu_name  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cpu_kernels.py
 DTYPE = {"onnx-int8": "int8", "torch-bf16": "bf16"}  # every other contender computes in fp32
 
 
@@ -62,17 +62,6 @@ def gflop_per_text(config, token_counts) -> float:
     h, i, layers = config.hidden_size, intermediate_size(config), config.num_hidden_layers
     t = np.asarray(token_counts, dtype=np.float64)
     return float((layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h)).mean() / 1e9)
-
-
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    """Best wall time of `repeat` calls: the first call also warms up (lazy init, allocator), for every contender
-    alike, and the best is the one least disturbed by other processes on the shared cores."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
 
 
 def peer_predict(run_dir: Path, texts: list[str], batch_size: int, dynamic: bool):
@@ -164,7 +153,7 @@ def main() -> None:
 
     # the roofline: useful compute per text, and this CPU's peak per dtype, measured now (after the contenders, so
     # the kernel loops do not warm or heat anything for one of them)
-    from cpu_kernels import cpu_name, peak_gflops
+    from cpu_kernels import peak_gflops
     from lorafit.data import encode
 
     ref_clf = lorafit.load(run_dir, backend="torch")
@@ -218,7 +207,7 @@ def main() -> None:
               "mean_tokens": round(mean_tokens, 1), "gflop_per_text": round(per_text, 4),
               "peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
               "export_s": round(export_s, 1), "export_check": export.get("check"), "table": table, "tfidf_blend": blend,
-              "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+              "command": command_line()}
     (OUT / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {OUT / 'inference.json'}")
 

@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -29,20 +28,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from common import cpu_name
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VALIDATION_ROWS = 500  # a fixed validation slice, so that every size trains on exactly its number of rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bundled(name: str) -> Path:

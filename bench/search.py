@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import cpu_name, report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,15 +164,9 @@ def run_peer(args, bf16: bool = False) -> dict:
 
 
 def cpu_description() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     kernels = subprocess.run([sys.executable, str(Path(__file__).with_name("cpu_kernels.py"))], capture_output=True,
                              text=True)
-    return f"{model}, {os.cpu_count()} cores\n{kernels.stdout.strip()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores\n{kernels.stdout.strip()}"
 
 
 def main() -> None:
@@ -187,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         result = run_lorafit(args) if args.worker == "lorafit" else run_peer(args, bf16=args.worker == "peer-bf16")
-        print("RESULT " + json.dumps(result), flush=True)
+        report_result(result)
         return
 
     results = {}
@@ -205,12 +200,11 @@ def main() -> None:
             print("peer-bf16 skipped: this CPU has no bf16 units (bf16 autocast would only be slower)", flush=True)
             continue
         print(f"running {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, *passed, "--worker", name], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}")
+        result, error = run_child([sys.executable, __file__, *passed, "--worker", name])
+        if result is None:
+            print(f"{name} failed:\n{error}")
             continue
-        results[name] = json.loads(line[7:])
+        results[name] = result
         print(f"  {name}: {results[name]}", flush=True)
 
     print(f"\n{args.n_trials} trials, {args.epochs:g} epoch(s) each, sampler seed {args.sampler_seed}")

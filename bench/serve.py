@@ -36,6 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pydantic import BaseModel  # noqa: E402
 
+from common import command_line  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
 HOST = "127.0.0.1"  # loopback only
 
@@ -273,7 +275,7 @@ def main() -> None:
     result = {"run": str(run_dir), "pooling": cfg.model.pooling, "requests": args.requests, "concurrency": levels,
               "cpu_count": os.cpu_count(), "max_batch_size": args.max_batch_size,
               "forward_batch_size": args.forward_batch_size, "max_wait_ms": args.max_wait_ms,
-              "label_agreement_with_peer": agreement, "results": rows, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+              "label_agreement_with_peer": agreement, "results": rows, "command": command_line()}
     (OUT / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {OUT / 'serve.json'}")
 

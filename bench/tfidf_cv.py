@@ -28,10 +28,11 @@ import argparse
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from common import cpu_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -164,8 +165,6 @@ def main() -> None:
     parser.add_argument("--char-ngrams", action="store_true", help="also measure word + character n-gram TF-IDF")
     parser.add_argument("--weight", type=float, default=0.4, help="the TF-IDF weight of the second table's blends")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cpu_kernels import cpu_summary
 
     probs, labels, folds = out_of_fold(args)
     encoder, tfidf = probs["encoder"], probs["tfidf"]

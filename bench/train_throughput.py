@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from common import peak_rss_mib, report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,10 +43,6 @@ ABLATIONS = {
     "lorafit-attention-dropout": {"attention_dropout": None},  # the checkpoint's 0.1
 }
 CONTENDERS = ["peer-same", "peer-usual", *ABLATIONS]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_lorafit(name: str, args) -> dict:
@@ -157,8 +153,8 @@ def run_peer(name: str, args, overrides: Optional[dict] = None) -> dict:
 
 def worker(name: str, args) -> None:
     result = run_peer(name, args) if name.startswith("peer") else run_lorafit(name, args)
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    print("RESULT " + json.dumps(result), flush=True)
+    result["peak_rss_mb"] = round(peak_rss_mib(), 1)
+    report_result(result)
 
 
 def main() -> None:
@@ -184,12 +180,11 @@ def main() -> None:
         if args.time_budget_minutes:
             cmd += ["--time-budget-minutes", str(args.time_budget_minutes)]
         print(f"running {name} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}")
+        result, error = run_child(cmd)
+        if result is None:
+            print(f"{name} failed:\n{error}")
             continue
-        results[name] = json.loads(line[7:])
+        results[name] = result
         print(f"  {name}: {results[name]}", flush=True)
 
     # the goal is against peer-usual (what users run today); peer-same isolates the engineering

@@ -1,5 +1,6 @@
 """The house's layout rules that a reader relies on: no module of src/ or bench/ reaches for another lorafit
-module's private name (a leading underscore means "only this module uses it")."""
+module's private name (a leading underscore means "only this module uses it"); bench/ scripts share their helpers
+through bench/common.py, not by changing sys.path or by writing them again."""
 
 import ast
 from pathlib import Path
@@ -49,3 +50,65 @@ def test_the_check_sees_a_private_import(tmp_path):
         assert [u.split(" ", 1)[1] for u in private_uses(sample)] == ["imports _hidden", "uses m._secret"]
     finally:
         ROOT = root
+
+
+BENCH = ROOT / "bench"
+# the one sys.path change bench/ keeps: bench/gpu.py runs lorafit from this checkout on a GPU machine without it
+ALLOWED_PATH_CHANGES = {"gpu.py": ["sys.path.insert(0, str(REPO / 'src'))"]}
+
+
+def sys_path_changes(path: Path) -> list[str]:
+    """What in `path` changes sys.path: a call of a method that changes a list, or an assignment to it."""
+    def is_sys_path(node) -> bool:
+        if isinstance(node, ast.Subscript):
+            node = node.value
+        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys")
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value)
+                and node.func.attr in ("insert", "append", "extend", "remove", "pop", "clear")):
+            found.append(ast.unparse(node))
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(is_sys_path(t) for t in targets):
+                found.append(ast.unparse(node))
+    return sorted(found)
+
+
+def test_bench_scripts_leave_sys_path_alone():
+    """A script run as `python bench/x.py` has bench/ on sys.path already: `from common import ...` and importing a
+    neighbour script by its name need nothing more."""
+    scripts = sorted(BENCH.glob("*.py"))
+    assert len(scripts) > 10
+    found = {p.name: sys_path_changes(p) for p in scripts if sys_path_changes(p)}
+    assert found == ALLOWED_PATH_CHANGES
+
+
+def test_the_sys_path_check_sees_every_change(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import sys\nsys.path.insert(0, 'x')\nsys.path.append('y')\nsys.path[:0] = ['z']\n"
+                      "sys.path += ['w']\nprint(sys.path.index('x'))\n")
+    assert sys_path_changes(sample) == ["sys.path += ['w']", "sys.path.append('y')", "sys.path.insert(0, 'x')",
+                                        "sys.path[:0] = ['z']"]  # reading it (index) is no change
+
+
+def cpuinfo_readers(path: Path) -> list[str]:
+    """Functions of `path` that open /proc/cpuinfo (a call with that path among its arguments)."""
+    found = []
+    for func in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
+            if any(isinstance(a, ast.Constant) and a.value == "/proc/cpuinfo" for c in calls for a in c.args):
+                found.append(f"{path.name}:{func.name}")
+    return found
+
+
+def test_the_cpu_is_named_in_bench_common_alone(tmp_path):
+    assert (BENCH / "common.py").is_file()
+    assert [r for p in sorted(BENCH.rglob("*.py")) for r in cpuinfo_readers(p)] == ["common.py:cpu_name"]
+    sample = tmp_path / "sample.py"
+    sample.write_text("from pathlib import Path\n\ndef name():\n    return Path('/proc/cpuinfo').read_text()\n\n"
+                      "def other():\n    with open('/proc/cpuinfo') as f:\n        return f.read()\n")
+    assert cpuinfo_readers(sample) == ["sample.py:name", "sample.py:other"]
