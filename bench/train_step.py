@@ -50,7 +50,7 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     import torch.nn.functional as F
 
     from lorafit.config import Config
-    from lorafit.data import Collator, EncodedDataset, LengthGroupedBatches, load_data
+    from lorafit.data import Collator, EncodedDataset, LengthGroupedBatches, load_data, pad_token_id
     from lorafit.model import load_tokenizer, prepare_model
     from lorafit.frozen import frozen_linears
     from lorafit.prefix_cache import FrozenPrefix
@@ -84,14 +84,14 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     sampler = LengthGroupedBatches([len(x) for x in enc.input_ids], cfg.train.batch_size, cfg.train.seed, True)
     loader = torch.utils.data.DataLoader(EncodedDataset(enc), batch_sampler=sampler,
-                                         collate_fn=Collator(tok.pad_token_id, cfg.train.pad_to_multiple_of))
+                                         collate_fn=Collator(pad_token_id(tok), cfg.train.pad_to_multiple_of))
     optimizer = torch.optim.AdamW(param_groups_of(model, cfg), lr=cfg.train.learning_rate, fused=off != "fused_adamw")
     trainable = [p for p in model.parameters() if p.requires_grad]
     paths = contextlib.nullcontext() if mode == "plain" else frozen_linears(model, mode, fuse_lora=off != "fused_lora")
     with paths:
         prefix = FrozenPrefix.maybe(model, torch.bfloat16 if bf16 else torch.float32)
-        prefix.compute("train", enc, cfg.train.eval_batch_size, tok.pad_token_id, "cpu", autocast if bf16 else None)
-        calibrate_int8_on_sample(model, enc, prefix, tok.pad_token_id, "cpu")  # as train.py does (a no-op without int8)
+        prefix.compute("train", enc, cfg.train.eval_batch_size, pad_token_id(tok), "cpu", autocast if bf16 else None)
+        calibrate_int8_on_sample(model, enc, prefix, pad_token_id(tok), "cpu")  # as train.py does (a no-op without int8)
         model.train()
         attention = contextlib.nullcontext if off == "math_attention" else lambda: training_attention(torch.device("cpu"))
 

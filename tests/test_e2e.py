@@ -20,7 +20,7 @@ def test_embedded_model_end_to_end(tmp_path):
     assert "test accuracy" in result.output
     run = tmp_path / "e2e"
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["layout_version"] == 1
+    assert info["status"] == "completed" and info["layout_version"] == 2
     assert info["model"]["trainable_params"] <= 1_000_000
     assert info["train_samples_per_s"] > 0 and info["wall_time_s"] > 0
     assert Config.from_yaml(run / "config.yaml").data.max_train_samples == 400

@@ -112,3 +112,45 @@ def test_the_cpu_is_named_in_bench_common_alone(tmp_path):
     sample.write_text("from pathlib import Path\n\ndef name():\n    return Path('/proc/cpuinfo').read_text()\n\n"
                       "def other():\n    with open('/proc/cpuinfo') as f:\n        return f.read()\n")
     assert cpuinfo_readers(sample) == ["sample.py:name", "sample.py:other"]
+
+
+# --- the run directory has one owner: lorafit.rundir spells and reads its files --------------------------------
+RUN_FILE_NAMES = ("test_metrics.json", "run.json", "labels.json", "data.json", "splits.json", "metrics.jsonl",
+                  "config.yaml")
+
+
+def run_file_literals(path: Path) -> list[str]:
+    """String literals of `path` that name a run file: the name itself, or a path ending in it ('x/run.json').
+    Docstrings and prose that mention a file among other words are not names."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            value = node.value.strip()
+            if any(value == name or value.endswith("/" + name) for name in RUN_FILE_NAMES):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} spells {value!r}")
+    return found
+
+
+def test_only_rundir_spells_a_run_file_name():
+    from lorafit import rundir
+
+    files = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "rundir.py")
+    assert len(files) > 20
+    found = [hit for path in files for hit in run_file_literals(path)]
+    assert not found, "use lorafit.rundir's functions and constants:\n" + "\n".join(found)
+    constants = {rundir.RUN_FILE, rundir.CONFIG_FILE, rundir.LABELS_FILE, rundir.DATA_FILE, rundir.SPLITS_FILE,
+                 rundir.METRICS_FILE, rundir.TEST_METRICS_FILE}
+    assert constants == set(RUN_FILE_NAMES)  # the check looks for every name rundir owns
+
+
+def test_the_run_file_check_sees_a_literal(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('import json\n"""Reads run.json and labels.json."""\np = "test_metrics.json"\n'
+                      'q = run / "splits.json"\nr = f"{run}/config.yaml"\n')
+    global ROOT
+    root, ROOT = ROOT, tmp_path
+    try:
+        assert [u.split(" ", 1)[1] for u in run_file_literals(sample)] == [
+            "spells 'test_metrics.json'", "spells 'splits.json'", "spells '/config.yaml'"]
+    finally:
+        ROOT = root

@@ -56,8 +56,8 @@ class TfidfBlend(Extension):
             return logits
         return self.model.blend(logits, getattr(recipe.data.bundle, split).texts)
 
-    def on_save(self, recipe, model_dir) -> None:
-        self.model.save(model_dir)
+    def model_parts(self, recipe) -> list:
+        return [self.model]
 
     def on_finish(self, recipe, test_metrics: dict[str, Any]) -> None:
         if test_metrics:

@@ -7,13 +7,12 @@ The metadata goes through huggingface_hub's ModelCardData/EvalResult so the Hub 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import DEFAULT_MODEL, Config
 from .fileio import atomic_write_text
-from .rundir import read_labels, read_run
+from .rundir import read_data_summary, read_labels, read_run, read_test_metrics, read_tfidf_weight
 
 CARD_FILE = "README.md"  # inside model/: the Hub shows a repo's README.md as its card
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled weights are a copy of
@@ -28,10 +27,6 @@ CARD_METRICS = (
     ("precision_weighted", "precision", "Precision (weighted)", "weighted"),
     ("recall_weighted", "recall", "Recall (weighted)", "weighted"),
 )
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def base_model_id(model: str) -> Optional[str]:
@@ -106,8 +101,9 @@ def _metadata(cfg: Config, name: str, labels: list[str], data: dict, test: dict,
     )
 
 
-def _usage(cfg: Config, labels: list[str], base: str) -> str:
-    """How to load the model: with lorafit, and with plain PEFT / Transformers where that is possible."""
+def _usage(cfg: Config, labels: list[str], base: str, tfidf_weight: float = 0.0) -> str:
+    """How to load the model: with lorafit, and with plain PEFT / Transformers where that is possible.
+    tfidf_weight: the run's TF-IDF blend weight (rundir.read_tfidf_weight; 0: none)."""
     m, max_length = cfg.model, cfg.data.max_length
     id2label = {i: n for i, n in enumerate(labels)}
     out = ["With lorafit (the run directory, or a repo pushed by `lorafit push`, after `snapshot_download`):", "",
@@ -164,9 +160,9 @@ def _usage(cfg: Config, labels: list[str], base: str) -> str:
     out.append("`lorafit merge RUN -o merged/` writes a plain Transformers model "
                + ("(the adapter merged into the base) " if m.method == "lora" else "")
                + "that loads without lorafit or PEFT; its README shows how.")
-    if cfg.model.tfidf_weight:
+    if tfidf_weight:
         out += ["", f"lorafit's predictions blend this encoder's class probabilities with a TF-IDF + logistic "
-                f"regression model (`model/tfidf.json`, `model/tfidf.safetensors`) at weight {cfg.model.tfidf_weight:g}: "
+                f"regression model (`model/tfidf.json`, `model/tfidf.safetensors`) at weight {tfidf_weight:g}: "
                 "(1 - w) encoder + w TF-IDF. The plain PEFT / Transformers code above and the merged model give the "
                 "encoder alone (run.json `tfidf` has both accuracies)."]
     if cfg.data.clean_text:
@@ -185,8 +181,8 @@ def model_card(run_dir: str | Path, require_completed: bool = True) -> str:
 
     path, cfg, info = read_run(run_dir, require_completed=require_completed)
     labels = read_labels(path)
-    data = _read_json(path / "data.json")
-    test = _read_json(path / "test_metrics.json")
+    data = read_data_summary(path)
+    test = read_test_metrics(path)
     m, t = cfg.model, cfg.train
     base = base_model_id(m.model)
     shown_base = base or m.model
@@ -245,7 +241,7 @@ def model_card(run_dir: str | Path, require_completed: bool = True) -> str:
               "", _table(["class", "precision", "recall", "F1", "support"],
                          [[c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
                           for c, v in test.get("per_class", {}).items()]),
-              "", "## Usage", "", _usage(cfg, labels, shown_base), "",
+              "", "## Usage", "", _usage(cfg, labels, shown_base, read_tfidf_weight(path, cfg)), "",
               "## Limitations", "",
               f"- Trained and tested on {source_text.split(' (')[0]} only; on text from other sources, topics or "
               "languages expect lower accuracy, and the classes are fixed to the ones above (no 'other').",

@@ -542,7 +542,7 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
     from .evaluate import compute_metrics
     from .predict import input_texts, read_inputs
     from .report import write_evaluation
-    from .rundir import evaluation_dir
+    from .rundir import evaluation_dir, read_config
 
     input = input or data
     if input is None:
@@ -552,7 +552,7 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
     data = input_data(clf, read)
     df = read_inputs(input, allow_pickle=data.allow_pickle)
     texts = input_texts(df, data.text_columns or [data.text_column], str(input))
-    data_cfg = Config.from_yaml(clf.run_dir / "config.yaml").data
+    data_cfg = read_config(clf.run_dir).data
     if "label_column" in read.model_fields_set:
         data_cfg = data_cfg.model_copy(update={"label_column": read.label_column})
     names = [str(n) for n in clf.classes_]

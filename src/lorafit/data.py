@@ -550,6 +550,11 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self.enc.input_ids[i], int(self.enc.labels[i]), i
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad a batch with: the tokenizer's pad token, or 0 for a tokenizer without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 class Collator:
     """Pads a batch to its longest text (dynamic padding); keeps each example's index (for cached states)."""
 

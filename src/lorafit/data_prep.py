@@ -18,6 +18,7 @@ import torch
 from .config import Config
 from .data import (
     Collator, DataBundle, Encoded, EncodedDataset, LengthGroupedBatches, encode, filter_by_length, load_data,
+    pad_token_id,
 )
 from .errors import LorafitError
 from .model import load_tokenizer
@@ -31,8 +32,7 @@ class PreparedData:
 
     @property
     def pad_id(self) -> int:
-        """The tokenizer's padding id; 0 for the few tokenizers without one (their masks hide it anyway)."""
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_token_id(self.tokenizer)
 
 
 def length_stats(lengths: np.ndarray, max_length: int) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
     """The teacher's logits on `texts` (already cleaned as the teacher's data is), from the cache in the teacher's
     run directory or computed once (on `device` in `precision`, fp32 or bf16; see logits_backend) and cached.
     Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
-    from .data import encode
+    from .data import encode, pad_token_id
     from .predict import load, torch_backend_name
 
     teacher = Path(teacher_run)
@@ -152,9 +152,9 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
         clf = load(teacher, device=device, backend=kind, batch_size=batch_size, precision=precision)
         if console is not None:
             console.print(f"teacher {teacher}: computing its logits on {len(texts)} texts ({clf.backend.name}), once")
-        pad = clf.tokenizer.pad_token_id if clf.tokenizer.pad_token_id is not None else 0
         start = time.perf_counter()
-        logits = clf.backend.logits(encode(clf.tokenizer, texts, clf.max_length), batch_size, pad)
+        enc = encode(clf.tokenizer, texts, clf.max_length)
+        logits = clf.backend.logits(enc, batch_size, pad_token_id(clf.tokenizer))
         seconds = time.perf_counter() - start
         found = {"logits": logits.astype(np.float32), "backend": clf.backend.name,
                  "texts_per_s": round(len(texts) / max(seconds, 1e-9), 2)}
@@ -303,8 +303,9 @@ class Distillation(Extension):
 
 
 def teacher_summary(teacher: Path, cfg: Config, info: dict) -> dict[str, Any]:
-    test = json.loads((teacher / "test_metrics.json").read_text(encoding="utf-8")) \
-        if (teacher / "test_metrics.json").is_file() else {}
+    from .rundir import read_test_metrics
+
+    test = read_test_metrics(teacher)
     model = info.get("model", {})
     return {
         "teacher_run": str(teacher.resolve()), "teacher_name": teacher.name, "teacher_backbone": cfg.model.model,
@@ -341,14 +342,13 @@ def layer_count(cfg: Config) -> Optional[int]:
 
 def student_speed(run_dir: Path, texts: list[str], batch_size: int = 64) -> dict[str, Any]:
     """The finished student's predict texts/s on its test texts with the torch backend (measured in-run)."""
-    from .data import encode
+    from .data import encode, pad_token_id
     from .predict import load
 
     clf = load(run_dir, backend="torch", batch_size=batch_size)
-    pad = clf.tokenizer.pad_token_id if clf.tokenizer.pad_token_id is not None else 0
     enc = encode(clf.tokenizer, texts, clf.max_length)
     start = time.perf_counter()
-    clf.backend.logits(enc, batch_size, pad)
+    clf.backend.logits(enc, batch_size, pad_token_id(clf.tokenizer))
     seconds = time.perf_counter() - start
     return {"student_backend": clf.backend.name, "student_texts_per_s": round(len(texts) / max(seconds, 1e-9), 2)}
 

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import LorafitError
 from .fileio import atomic_directory, atomic_write_json, atomic_write_text
 from .predict import EXPORT_DIR, ONNX_FILES, OnnxBackend, load
-from .rundir import read_run
+from .rundir import read_run, read_test_texts, read_tfidf_weight
 
 MEAN_POOLING_README = """# {name}: merged encoder + mean-pooling head (exported by lorafit)
 
@@ -90,7 +90,7 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False,
     return {"out": str(out), "pooling": "mean" if mean else "cls",
             "loads_with": "AutoModel + head.safetensors (see README.md)" if mean else "AutoModelForSequenceClassification",
             # the merged model is the encoder; the run's TF-IDF blend stays in the run (lorafit.load applies it)
-            "tfidf_weight_not_merged": clf.tfidf.weight if clf.tfidf is not None else None}
+            "tfidf_weight_not_merged": read_tfidf_weight(run_dir, cfg) or None}
 
 
 class _LogitsOnly(nn.Module):
@@ -106,15 +106,12 @@ class _LogitsOnly(nn.Module):
 
 def _check_texts(run_dir: Path, limit: Optional[int]) -> tuple[list[str], Optional[np.ndarray]]:
     """The run's test texts and labels (from test_predictions.csv) to compare the exported model on."""
-    import pandas as pd
-
-    path = run_dir / "test_predictions.csv"
-    if not path.is_file():
+    texts, labels = read_test_texts(run_dir)
+    if not texts:
         return [], None
-    df = pd.read_csv(path, dtype={"text": str}, keep_default_na=False)
     if limit:
-        df = df.iloc[:limit]
-    return df["text"].tolist(), df["label"].astype(str).to_numpy()
+        texts, labels = texts[:limit], labels[:limit]
+    return texts, np.asarray(labels, dtype=object)
 
 
 def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_rows: Optional[int] = None,

@@ -7,7 +7,6 @@ replaces or wraps the default one; train.extensions_for picks them from the conf
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -36,7 +35,7 @@ class CrossEntropyLoss:
 
 class Extension:
     """A feature that plugs into the recipe. Each hook is a no-op here; a feature defines those it needs. Hooks
-    run on every process, in the order the extensions were given, except on_evaluate, on_save and on_finish (the
+    run on every process, in the order the extensions were given, except on_evaluate, model_parts and on_finish (the
     main process only, which writes the run directory)."""
 
     def prepare_data(self, recipe: "TrainingRecipe", data: "PreparedData") -> "PreparedData":
@@ -60,8 +59,9 @@ class Extension:
         """What an evaluation reports instead of the model's logits (the TF-IDF blend)."""
         return logits
 
-    def on_save(self, recipe: "TrainingRecipe", model_dir: Path) -> None:
-        """model/ is written: files that prediction needs beside the weights."""
+    def model_parts(self, recipe: "TrainingRecipe") -> list:
+        """What prediction needs beside the weights, saved into model/ with them (each has save(directory))."""
+        return []
 
     def on_finish(self, recipe: "TrainingRecipe", test_metrics: dict) -> None:
         """The run is complete in run.json: facts for the record."""

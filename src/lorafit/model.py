@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -495,9 +495,9 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
 
 
 # --- saving and loading weights ------------------------------------------------------------------------
-def save_weights(model: nn.Module, cfg: ModelConfig, out_dir: Path, tfidf=None) -> None:
-    """Write model/ into a temporary directory and rename it into place (a directory rename is atomic); with the
-    run's TF-IDF model (tfidf.TfidfModel) when it has one."""
+def save_weights(model: nn.Module, cfg: ModelConfig, out_dir: Path, parts: Sequence = ()) -> None:
+    """Write model/ into a temporary directory and rename it into place (a directory rename is atomic), with the
+    `parts` that prediction needs beside the weights (each has save(directory): the run's TF-IDF model)."""
     from safetensors.torch import save_file
 
     from .fileio import atomic_directory
@@ -509,8 +509,8 @@ def save_weights(model: nn.Module, cfg: ModelConfig, out_dir: Path, tfidf=None) 
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         else:
             save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}, tmp / "head.safetensors")
-        if tfidf is not None:
-            tfidf.save(tmp)
+        for part in parts:
+            part.save(tmp)
 
 
 def load_trained(cfg: ModelConfig, label_names: list[str], weights_dir: Path, merge: bool = True) -> nn.Module:

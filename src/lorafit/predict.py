@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import clean_text, encode, read_table
+from .data import clean_text, encode, pad_token_id, read_table
 from .errors import LorafitError
 from .evaluate import batched_apply, predict_logits, softmax
 from .extras import require_extra
-from .rundir import read_label_offset, read_labels, read_run
+from .rundir import MODEL_DIR, TOKENIZER_DIR, read_label_offset, read_labels, read_run, read_tfidf
 from .runtime import inference_batch_size, inference_precision, resolve_device
 
 EXPORT_DIR = "export"
@@ -110,8 +110,7 @@ class Classifier:
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         enc = encode(self.tokenizer, texts, self.max_length)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logits = self.backend.logits(enc, self.batch_size, pad)
+        logits = self.backend.logits(enc, self.batch_size, pad_token_id(self.tokenizer))
         return self.tfidf.blend(logits, texts) if self.tfidf is not None else logits
 
     def predict_proba(self, texts: Sequence[str], allow_blank: bool = False) -> np.ndarray:
@@ -172,15 +171,14 @@ def load(run_dir: str | Path, device: str = "auto", batch_size: Union[int, str] 
 def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, backend: str, precision: str,
           allow_different_base: bool) -> Classifier:
     from .model import check_backbone, load_trained, load_tokenizer
-    from .tfidf import TfidfModel
 
     run_dir, cfg, info = read_run(run_dir)
     label_names = read_labels(run_dir)
     device = resolve_device(device, field="device")
     batch_size = inference_batch_size(batch_size, device)
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    tokenizer = load_tokenizer(str(run_dir / TOKENIZER_DIR))
     kind, onnx_path = resolve_backend(run_dir, backend, device)
-    tfidf = TfidfModel.load(run_dir / "model")
+    tfidf = read_tfidf(run_dir, cfg)  # blending at config.yaml's model.tfidf_weight
     if kind != "torch":
         return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
                           device=device, run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind, device=device),
@@ -188,7 +186,7 @@ def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, 
     precision = inference_precision(precision, device)
     if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
         check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
-    model = load_trained(cfg.model, label_names, run_dir / "model", merge=merge).to(device)
+    model = load_trained(cfg.model, label_names, run_dir / MODEL_DIR, merge=merge).to(device)
     autocast = None
     if precision == "bf16":
         device_type = torch.device(device).type

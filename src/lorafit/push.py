@@ -13,11 +13,12 @@ from typing import Optional
 from .card import model_card
 from .errors import LorafitError
 from .fileio import atomic_write_text
-from .rundir import read_run
+from .rundir import (CONFIG_FILE, DATA_FILE, LABELS_FILE, MODEL_DIR, RUN_FILE, TEST_METRICS_FILE, TOKENIZER_DIR,
+                     read_run)
 
 # What a pushed repo holds: enough for `lorafit.load(snapshot_download(repo_id))` (it reads run.json, config.yaml,
 # labels.json, tokenizer/ and model/) and for the card's numbers; checkpoints, plots and predictions stay local.
-PUSHED_FILES = ("model", "tokenizer", "labels.json", "config.yaml", "run.json", "data.json", "test_metrics.json")
+PUSHED_FILES = (MODEL_DIR, TOKENIZER_DIR, LABELS_FILE, CONFIG_FILE, RUN_FILE, DATA_FILE, TEST_METRICS_FILE)
 README = "README.md"
 
 

@@ -170,8 +170,10 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
     inference = inference or InferenceConfig()
     output_format, cpus_per_worker = cfg.shard_format, cfg.cpus_per_worker
     run_dir = Path(run_dir).resolve()  # actors run elsewhere: an absolute path
-    if not (run_dir / "config.yaml").is_file():
-        raise LorafitError(f"{run_dir}: not a lorafit run directory (no config.yaml)")
+    from .rundir import CONFIG_FILE, has_config
+
+    if not has_config(run_dir):
+        raise LorafitError(f"{run_dir}: not a lorafit run directory (no {CONFIG_FILE})")
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")

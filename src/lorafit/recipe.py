@@ -217,7 +217,7 @@ class TrainingRecipe:
             if self.main:
                 rundir.truncate_metrics(self.run_dir, self.state.step)
         if self.main:
-            self.log = rundir.MetricsLog(self.run_dir / rundir.METRICS)
+            self.log = rundir.MetricsLog.open(self.run_dir)
             self.record.update(**self.forward.record)
             for ext in self.extensions:
                 ext.on_start(self)
@@ -529,13 +529,12 @@ class TrainingRecipe:
         info = self._summary()
         if self.main:
             test = self.data.bundle.test
-            save_weights(self.unwrapped, self.cfg.model, self.run_dir / "model")
-            for ext in self.extensions:
-                ext.on_save(self, self.run_dir / "model")
+            save_weights(self.unwrapped, self.cfg.model, self.run_dir / rundir.MODEL_DIR,
+                         [part for ext in self.extensions for part in ext.model_parts(self)])
             if evaluate_test:
                 rundir.write_test_metrics(self.run_dir, test_metrics)
-                rundir.write_predictions(self.run_dir / rundir.PREDICTIONS, test.source_rows, test.texts, test.labels,
-                                         softmax(self.last_logits["test"]), self.data.bundle.label_names)
+                rundir.write_test_predictions(self.run_dir, test.source_rows, test.texts, test.labels,
+                                              softmax(self.last_logits["test"]), self.data.bundle.label_names)
             self.record.update(status="completed", finished_at=rundir.now(), **info)
             for ext in self.extensions:
                 ext.on_finish(self, test_metrics)

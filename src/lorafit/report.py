@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .errors import describe
 from .fileio import atomic_write_bytes, atomic_write_text
-from .rundir import PREDICTIONS, read_labels, read_metrics, read_predictions, read_run, write_predictions
+from .rundir import (read_data_summary, read_evaluation_predictions, read_labels, read_metrics, read_run,
+                     read_test_metrics, read_test_predictions, read_tfidf_weight, write_evaluation_files)
 
 PLOTS_DIR = "plots"
 
@@ -34,9 +35,10 @@ class RunView:
         self.path, self.config, self.info = read_run(run_dir, require_completed=require_completed)
         self.labels = read_labels(self.path)
         self.metrics = read_metrics(self.path)
-        self.data = _read_json(self.path / "data.json")
-        self.test = _read_json(self.path / "test_metrics.json")
-        self.predictions = read_predictions(self.path / PREDICTIONS, self.labels)
+        self.data = read_data_summary(self.path)
+        self.test = read_test_metrics(self.path)
+        self.predictions = read_test_predictions(self.path, self.labels)
+        self.tfidf_weight = read_tfidf_weight(self.path, self.config)  # config.yaml's; 0.0: no blend
 
     @property
     def train_rows(self) -> list[dict]:
@@ -49,10 +51,6 @@ class RunView:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # --- error analysis ----------------------------------------------------------------------------------------
@@ -271,7 +269,7 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
                        ["adapted linear layers", _fmt(m.get("lora_target_count"))]]
     tfidf = info.get("tfidf")
     if tfidf:
-        model_rows += [["TF-IDF blend", f"weight {_fmt(tfidf.get('weight'))}, C {_fmt(tfidf.get('C'))}, "
+        model_rows += [["TF-IDF blend", f"weight {_fmt(view.tfidf_weight)}, C {_fmt(tfidf.get('C'))}, "
                                         f"{_fmt(tfidf.get('features'))} word 1-2-gram features"]]
     hyper = [[k, _fmt(v)] for k, v in cfg.train.model_dump().items()] + [["max_length", _fmt(cfg.data.max_length)]]
     run_rows = [
@@ -294,7 +292,7 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
     if distilled:
         sections.append(("Distillation: teacher vs student", distilled))
     if tfidf:
-        sections.append(("TF-IDF blend: the encoder alone and blended", tfidf_rows(tfidf)))
+        sections.append(("TF-IDF blend: the encoder alone and blended", tfidf_rows(tfidf, view.tfidf_weight)))
     if problems:
         sections.append(("Warnings", "\n".join(problems)))
     sections += [("Learning curves", Figures((n, c) for n, c in plots if n not in CONFUSION_PLOTS + DATA_PLOTS)),
@@ -308,9 +306,10 @@ def _sections(view: RunView, pairs: list[dict], plots: list[tuple[str, str]], pr
     return [(heading, content) for heading, content in sections if not isinstance(content, Figures) or content]
 
 
-def tfidf_rows(tfidf: dict[str, Any]) -> list[list[str]]:
-    """run.json `tfidf`: what the blend changed, on validation (the encoder's best step) and test."""
-    return [["accuracy", "encoder alone", "TF-IDF alone", f"blend (weight {_fmt(tfidf.get('weight'))})"],
+def tfidf_rows(tfidf: dict[str, Any], weight: float) -> list[list[str]]:
+    """run.json `tfidf`: what the blend (at `weight`, the run config's) changed, on validation (the encoder's best
+    step) and test."""
+    return [["accuracy", "encoder alone", "TF-IDF alone", f"blend (weight {_fmt(weight)})"],
             ["validation", _fmt(tfidf.get("validation_accuracy_encoder")), _fmt(tfidf.get("validation_accuracy_tfidf")),
              _fmt(tfidf.get("validation_accuracy_blend"))],
             ["test", _fmt(tfidf.get("test_accuracy_encoder")), _fmt(tfidf.get("test_accuracy_tfidf")),
@@ -445,7 +444,7 @@ class EvaluationView:
 
     def __init__(self, out_dir: Path, source: str, labels: list[str], metrics: dict[str, Any]):
         self.path, self.labels, self.test, self.split = out_dir, labels, metrics, Path(source).name
-        self.predictions = read_predictions(out_dir / "predictions.csv", labels)
+        self.predictions = read_evaluation_predictions(out_dir, labels)
 
 
 EVALUATION_PLOTS = {name: PLOTS[name] for name in CONFUSION_PLOTS}
@@ -457,13 +456,12 @@ def write_evaluation(run_dir: str | Path, out_dir: str | Path, source: str, rows
     pairs, most confident mistakes and per-class table: metrics.json, predictions.csv, plots/, report.md,
     report.html. Returns report.html."""
     from .evaluate import softmax
-    from .fileio import atomic_write_json
 
     run_dir, out = Path(run_dir), Path(out_dir)
     names = read_labels(run_dir)
     (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", {"run": str(run_dir), "data": source, "backend": backend, **metrics})
-    write_predictions(out / "predictions.csv", rows, texts, labels, softmax(logits), names)
+    write_evaluation_files(out, {"run": str(run_dir), "data": source, "backend": backend, **metrics},
+                           rows, texts, labels, softmax(logits), names)
     view = EvaluationView(out, source, names, metrics)
     plots, problems = [], []
     for filename, (caption, draw) in EVALUATION_PLOTS.items():

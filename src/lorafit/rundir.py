@@ -1,5 +1,6 @@
 """The run directory: the contract between stages. `train` writes it; evaluate, report, predict, export and
-serve read it. Layout version 1 (documented in docs/run-directory.md):
+serve read it, and this module is the one place that spells a run file's name or reads one: every other module
+calls the functions below. Layout version 2 (documented in docs/run-directory.md; version 1 is still read):
 
     config.yaml         the resolved config of the run (YAML, loads back with Config.from_yaml)
     run.json            layout version, status, versions, hardware, timings, throughput, parameter counts
@@ -11,6 +12,8 @@ serve read it. Layout version 1 (documented in docs/run-directory.md):
                           lora: adapter_model.safetensors + adapter_config.json (PEFT format)
                           full: model.safetensors (+ config.json when pooling=cls: a plain Transformers model)
                           head: head.safetensors (the head only; the encoder is the unchanged backbone)
+                          tfidf.json + tfidf.safetensors: the fitted TF-IDF model (its blend weight is config.yaml's
+                          model.tfidf_weight, stored there only: read it with read_tfidf_weight)
     metrics.jsonl       one JSON object per logged training step and per evaluation
     test_metrics.json   final test metrics of the restored best model
     test_predictions.csv  per test example: row, true and predicted label, probability of each class
@@ -37,9 +40,25 @@ from .config import Config
 from .errors import LorafitError
 from .fileio import atomic_write_json, atomic_write_text
 
-LAYOUT_VERSION = 1
+# 2: the TF-IDF blend's weight is stored once, in config.yaml (model/tfidf.json format 2 and run.json's `tfidf`
+# section no longer hold it). Version 1 runs read the same way: their config.yaml has the same weight.
+LAYOUT_VERSION = 2
+READABLE_LAYOUTS = (1, 2)
+
+# the run files (tokenizer/ and model/ are directories; the TF-IDF model's files are tfidf.JSON_FILE/WEIGHTS_FILE)
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+DATA_FILE = "data.json"
+SPLITS_FILE = "splits.json"
+METRICS_FILE = "metrics.jsonl"
+TEST_METRICS_FILE = "test_metrics.json"
 PREDICTIONS = "test_predictions.csv"
+TOKENIZER_DIR = "tokenizer"
+MODEL_DIR = "model"
 EVALUATIONS_DIR = "evaluations"
+EVALUATION_METRICS_FILE, EVALUATION_PREDICTIONS = "metrics.json", "predictions.csv"  # in evaluations/NAME/
+SPLIT_NAMES = ("train", "validation", "test")
 STATUSES = ("running", "interrupted", "failed", "completed")
 
 
@@ -84,7 +103,7 @@ class RunRecord:
 
     @classmethod
     def start(cls, run_dir: Path) -> "RunRecord":
-        rec = cls(run_dir / "run.json", {
+        rec = cls(Path(run_dir) / RUN_FILE, {
             "layout_version": LAYOUT_VERSION,
             "status": "running",
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -95,11 +114,12 @@ class RunRecord:
 
     @classmethod
     def reopen(cls, run_dir: Path) -> "RunRecord":
-        """A resumed run: same record, status back to running."""
-        data = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        """A resumed run: same record, status back to running; what it writes from now on is this layout's."""
+        path = Path(run_dir) / RUN_FILE
+        data = json.loads(path.read_text(encoding="utf-8"))
         data.pop("error", None)
-        rec = cls(run_dir / "run.json", {**data, "status": "running",
-                                        "resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        rec = cls(path, {**data, "layout_version": LAYOUT_VERSION, "status": "running",
+                         "resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         rec.save()
         return rec
 
@@ -114,42 +134,119 @@ class RunRecord:
 def read_run(run_dir: str | Path, require_completed: bool = True) -> tuple[Path, Config, dict[str, Any]]:
     """Open a run directory for reading; refuse one that did not complete, saying what to do."""
     run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
+    info_path = run_dir / RUN_FILE
     if not info_path.is_file():
-        raise LorafitError(f"{run_dir}: not a lorafit run directory (no run.json)")
+        raise LorafitError(f"{run_dir}: not a lorafit run directory (no {RUN_FILE})")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise LorafitError(f"{info_path}: damaged (not valid JSON)") from None
     version = info.get("layout_version")
-    if version != LAYOUT_VERSION:
-        raise LorafitError(f"{run_dir}: run directory layout {version} is not supported (this lorafit reads {LAYOUT_VERSION})")
+    if version not in READABLE_LAYOUTS:
+        raise LorafitError(f"{run_dir}: run directory layout {version} is not supported (this lorafit reads "
+                           f"{', '.join(map(str, READABLE_LAYOUTS))})")
     status = info.get("status")
     if require_completed and status != "completed":
         hint = f"resume it with: lorafit train --resume {run_dir}" if status in ("running", "interrupted") else \
-            "see run.json for the error, fix it and train again"
+            f"see {RUN_FILE} for the error, fix it and train again"
         raise LorafitError(f"{run_dir}: run status is '{status}', not 'completed'; {hint}")
-    cfg = Config.from_yaml(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     return run_dir, cfg, info
 
 
-def read_labels(run_dir: Path) -> list[str]:
-    return json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+def _read_json(path: Path, default: Any) -> Any:
+    """A JSON run file, or `default` when the run has none."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
 
 
-def read_label_offset(run_dir: Path) -> int:
+# --- config.yaml ------------------------------------------------------------------------------------------
+def has_config(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / CONFIG_FILE).is_file()
+
+
+def read_config(run_dir: str | Path) -> Config:
+    """config.yaml: the resolved config the run was trained with."""
+    return Config.from_yaml(Path(run_dir) / CONFIG_FILE)
+
+
+def write_config(run_dir: str | Path, cfg: Config) -> None:
+    cfg.to_yaml(Path(run_dir) / CONFIG_FILE)
+
+
+# --- labels.json, data.json, splits.json -------------------------------------------------------------------
+def read_labels(run_dir: str | Path) -> list[str]:
+    return json.loads((Path(run_dir) / LABELS_FILE).read_text(encoding="utf-8"))
+
+
+def write_labels(run_dir: str | Path, names: list[str]) -> None:
+    atomic_write_json(Path(run_dir) / LABELS_FILE, list(names))
+
+
+def read_data_summary(run_dir: str | Path) -> dict[str, Any]:
+    """data.json: source, split sizes and seed, cleaning/filtering counts, token lengths, label_offset; {} when
+    the run has none."""
+    return _read_json(Path(run_dir) / DATA_FILE, {})
+
+
+def write_data_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / DATA_FILE, summary)
+
+
+def read_label_offset(run_dir: str | Path) -> int:
     """What the run's training data numbered its classes from (data.json label_offset): 1 when its integer labels
     were 1..K, so class i is the data's id i + 1; 0 for every other run, and for runs from before the key."""
-    path = Path(run_dir) / "data.json"
+    return int(read_data_summary(run_dir).get("label_offset") or 0)
+
+
+def read_splits(run_dir: str | Path) -> dict[str, list[int]]:
+    """splits.json: the source row numbers of every train/validation/test example."""
+    path = Path(run_dir) / SPLITS_FILE
     if not path.is_file():
-        return 0
-    return int(json.loads(path.read_text(encoding="utf-8")).get("label_offset") or 0)
+        raise LorafitError(f"{path}: missing; the run directory is incomplete")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def write_splits(run_dir: str | Path, splits: dict[str, Any]) -> None:
+    """`splits` maps train/validation/test to their source row numbers (lists or integer arrays)."""
+    atomic_write_json(Path(run_dir) / SPLITS_FILE,
+                      {k: [int(r) for r in splits[k]] for k in SPLIT_NAMES})
+
+
+# --- test_metrics.json -------------------------------------------------------------------------------------
+def read_test_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """test_metrics.json: the final test metrics (with the TF-IDF blend when it is on); {} when the run has none."""
+    return _read_json(Path(run_dir) / TEST_METRICS_FILE, {})
+
+
+def write_test_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / TEST_METRICS_FILE, metrics)
+
+
+# --- the TF-IDF blend: the model in model/, its weight in config.yaml only ---------------------------------
+def read_tfidf_weight(run_dir: str | Path, cfg: Config | None = None) -> float:
+    """The weight the run's predictions blend its TF-IDF model in with: config.yaml's model.tfidf_weight, the one
+    place it is stored. 0.0 when the run saved no TF-IDF model (weight 0, or a run from before the blend, whose
+    config.yaml reads back the default). `cfg`: the run's config when the caller has read it already."""
+    from .tfidf import JSON_FILE
+
+    if not (Path(run_dir) / MODEL_DIR / JSON_FILE).is_file():
+        return 0.0
+    return float((cfg or read_config(run_dir)).model.tfidf_weight)
+
+
+def read_tfidf(run_dir: str | Path, cfg: Config | None = None):
+    """The run's TF-IDF model (tfidf.TfidfModel) at its weight (read_tfidf_weight), or None when it has none."""
+    from .tfidf import TfidfModel
+
+    weight = read_tfidf_weight(run_dir, cfg)
+    return TfidfModel.load(Path(run_dir) / MODEL_DIR, weight) if weight else None
+
+
+# --- metrics.jsonl -----------------------------------------------------------------------------------------
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows; a torn last line (a killed run) is skipped, not fatal."""
     rows = []
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -159,6 +256,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """A resumed run: drop the metrics.jsonl rows logged after its checkpoint's `step` (the run logs those steps
+    again) and the test rows, and any line torn by the kill."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if row.get("step", 0) <= step and row.get("split") != "test":
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 class MetricsLog:
     """Append-only metrics.jsonl: one flushed line per event."""
 
@@ -166,6 +280,11 @@ class MetricsLog:
         self.path = path
         self.file = open(path, "a", encoding="utf-8")
         self.t0 = time.time()
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "MetricsLog":
+        """The run's metrics.jsonl, appended to."""
+        return cls(Path(run_dir) / METRICS_FILE)
 
     def write(self, **row: Any) -> None:
         row.setdefault("time", round(time.time() - self.t0, 3))
@@ -187,6 +306,26 @@ def write_predictions(path: Path, rows, texts, labels, probs, names: list[str]) 
     atomic_write_text(path, buf.getvalue())
 
 
+def write_test_predictions(run_dir: str | Path, rows, texts, labels, probs, names: list[str]) -> None:
+    """The run's test_predictions.csv (write_predictions' columns)."""
+    write_predictions(Path(run_dir) / PREDICTIONS, rows, texts, labels, probs, names)
+
+
+def read_test_predictions(run_dir: str | Path, names: list[str]) -> list[dict[str, Any]]:
+    """The rows of the run's test_predictions.csv (read_predictions'); [] when it has none."""
+    return read_predictions(Path(run_dir) / PREDICTIONS, names)
+
+
+def read_test_texts(run_dir: str | Path) -> tuple[list[str], list[str]]:
+    """The texts and true label names of test_predictions.csv, in file order (([], []) when the run has none)."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        return [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
 def read_predictions(path: Path, names: list[str]) -> list[dict[str, Any]]:
     """The rows of a predictions file ([] when there is none): text, label, predicted, its probability, all."""
     if not path.is_file():
@@ -200,6 +339,19 @@ def read_predictions(path: Path, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def write_evaluation_files(out_dir: str | Path, summary: dict[str, Any], rows, texts, labels, probs,
+                     names: list[str]) -> None:
+    """An evaluation directory's metrics.json (`summary`) and predictions.csv (test_predictions.csv's columns)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / EVALUATION_METRICS_FILE, summary)
+    write_predictions(out_dir / EVALUATION_PREDICTIONS, rows, texts, labels, probs, names)
+
+
+def read_evaluation_predictions(out_dir: str | Path, names: list[str]) -> list[dict[str, Any]]:
+    return read_predictions(Path(out_dir) / EVALUATION_PREDICTIONS, names)
+
+
 def evaluation_dir(run_dir: Path, source: Path) -> Path:
     """Where `lorafit evaluate RUN -i FILE` writes by default: RUN/evaluations/<FILE's name without suffixes>."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name.split(".")[0]) or "evaluation"
@@ -207,11 +359,6 @@ def evaluation_dir(run_dir: Path, source: Path) -> Path:
 
 
 # --- what train writes besides run.json ------------------------------------------------------------------------
-METRICS = "metrics.jsonl"
-TEST_METRICS = "test_metrics.json"
-SPLITS = "splits.json"
-
-
 def now() -> str:
     """A timestamp as run.json records them (UTC, seconds)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -219,33 +366,8 @@ def now() -> str:
 
 def write_run_inputs(run_dir: Path, cfg: Config, bundle, tokenizer) -> None:
     """What a new run starts from: config.yaml, labels.json, data.json, splits.json and tokenizer/."""
-    cfg.to_yaml(run_dir / "config.yaml")
-    atomic_write_json(run_dir / "labels.json", bundle.label_names)
-    atomic_write_json(run_dir / "data.json", bundle.summary)
-    atomic_write_json(run_dir / SPLITS, {k: getattr(bundle, k).source_rows.tolist()
-                                         for k in ("train", "validation", "test")})
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-
-
-def read_splits(run_dir: Path) -> dict[str, list[int]]:
-    return json.loads((Path(run_dir) / SPLITS).read_text(encoding="utf-8"))
-
-
-def write_test_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / TEST_METRICS, metrics)
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """A resumed run drops the rows logged after its checkpoint (and the test row): it logs those steps again."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the kill
-        if row.get("step", 0) <= step and row.get("split") != "test":
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    write_config(run_dir, cfg)
+    write_labels(run_dir, bundle.label_names)
+    write_data_summary(run_dir, bundle.summary)
+    write_splits(run_dir, {k: getattr(bundle, k).source_rows for k in SPLIT_NAMES})
+    tokenizer.save_pretrained(Path(run_dir) / TOKENIZER_DIR)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Union
 from .config import DEFAULT_SEARCH_SPACE, SEARCH_FIELDS, Config, ModelConfig, ParamSpec, SearchConfig, as_config
 from .errors import LorafitError, describe
 from .fileio import atomic_write_json, atomic_write_text
+from .rundir import MODEL_DIR, read_config, write_test_metrics
 
 SPACE_ATTR = "lorafit_search_space"  # study user attribute: the space a study was created with
 RUN_DIR_ATTR = "run_dir"
@@ -520,19 +521,19 @@ def evaluate_best_on_test(study, study_dir: Path) -> Optional[dict[str, Any]]:
             return stored
     rel = best.user_attrs.get(RUN_DIR_ATTR)
     run_dir = study_dir / rel if rel else None
-    if run_dir is None or not (run_dir / "model").is_dir():
+    if run_dir is None or not (run_dir / MODEL_DIR).is_dir():
         return None  # trained on another machine: its run directory is there
     from .data import load_data
     from .evaluate import compute_metrics
     from .predict import load
 
     clf = load(run_dir)
-    run_cfg = Config.from_yaml(run_dir / "config.yaml")
+    run_cfg = read_config(run_dir)
     test = load_data(run_cfg.data, run_cfg.data_seed).test
     names = [str(n) for n in clf.classes_]
     metrics = compute_metrics(test.labels, clf.decision_function(test.texts), names)
     metrics.pop("_logits", None)
-    atomic_write_json(run_dir / "test_metrics.json", metrics)
+    write_test_metrics(run_dir, metrics)
     result = {"trial": best.number, "run_dir": rel, **metrics}
     atomic_write_json(out, result)
     return result

@@ -290,14 +290,13 @@ class AuthAndMetrics:
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """What /v1/model and the page show: labels, backbone, method, the TF-IDF blend's weight (0: the encoder alone)
     and the run's scalar test metrics."""
-    from .rundir import read_labels, read_run
+    from .rundir import read_labels, read_run, read_test_metrics, read_tfidf_weight
 
-    run_dir, cfg, info = read_run(run_dir)
-    metrics_path = run_dir / "test_metrics.json"
-    test = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    run_dir, cfg, _ = read_run(run_dir)
+    test = read_test_metrics(run_dir)
     return {"run": run_dir.name, "labels": read_labels(run_dir), "backbone": cfg.model.model,
             "method": cfg.model.method, "pooling": cfg.model.pooling, "max_length": cfg.data.max_length,
-            "tfidf_weight": (info.get("tfidf") or {}).get("weight", 0.0),
+            "tfidf_weight": read_tfidf_weight(run_dir, cfg),
             "test_metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))}}
 
 

@@ -25,11 +25,15 @@ from .fileio import atomic_write_text
 C = 30.0
 VECTORIZER = {"ngram_range": (1, 2), "sublinear_tf": True, "strip_accents": "unicode", "lowercase": True}
 JSON_FILE, WEIGHTS_FILE = "tfidf.json", "tfidf.safetensors"
-FORMAT_VERSION = 1
+# 2: tfidf.json holds the fitted model only; the blend weight is the run's config.yaml model.tfidf_weight
+# (rundir.read_tfidf_weight). Format 1 also held the weight (the same value): read, its weight ignored.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 class TfidfModel:
-    """Word 1-2-gram TF-IDF features and a multinomial logistic regression; `blend` mixes it into logits."""
+    """Word 1-2-gram TF-IDF features and a multinomial logistic regression; `blend` mixes it into logits with
+    `weight`, which is not saved with the model: a run's is its config's model.tfidf_weight."""
 
     def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, weight: float, c: float):
         self.vectorizer = vectorizer
@@ -55,7 +59,7 @@ class TfidfModel:
         mixed = (1.0 - self.weight) * softmax(np.asarray(logits, dtype=np.float64)) + self.weight * self.proba(texts)
         return np.log(np.clip(mixed, 1e-12, None)).astype(np.float32)
 
-    # --- files: model/tfidf.json + model/tfidf.safetensors ---------------------------------------------------
+    # --- files: model/tfidf.json + model/tfidf.safetensors (the fitted model; not the weight) -----------------
     def save(self, directory: Path) -> None:
         from safetensors.numpy import save_file
 
@@ -63,13 +67,14 @@ class TfidfModel:
         save_file({"idf": self.vectorizer.idf_.astype(np.float32), "coef": self.coef, "intercept": self.intercept},
                   str(Path(directory) / WEIGHTS_FILE))
         atomic_write_text(Path(directory) / JSON_FILE, json.dumps(
-            {"format_version": FORMAT_VERSION, "weight": self.weight, "C": self.c,
+            {"format_version": FORMAT_VERSION, "C": self.c,
              "vectorizer": {k: list(v) if isinstance(v, tuple) else v for k, v in VECTORIZER.items()},
              "vocabulary": vocabulary}, ensure_ascii=False))
 
     @classmethod
-    def load(cls, directory: Path) -> Optional["TfidfModel"]:
-        """The run's TF-IDF model, or None when it has none (tfidf_weight 0, or a run from before it existed)."""
+    def load(cls, directory: Path, weight: float) -> Optional["TfidfModel"]:
+        """The TF-IDF model saved in `directory`, blending at `weight`, or None when there is none (tfidf_weight 0,
+        or a run from before it existed). A run's: rundir.read_tfidf, which takes the weight from its config."""
         from safetensors.numpy import load_file
         from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -81,20 +86,21 @@ class TfidfModel:
             arrays = load_file(str(Path(directory) / WEIGHTS_FILE))
         except Exception as exc:  # noqa: BLE001 - unreadable JSON or safetensors: one line, whatever the parser raised
             raise LorafitError(f"{path.parent}: the TF-IDF model is unreadable ({exc}); train the run again") from None
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_FORMATS:
             raise LorafitError(f"{path}: TF-IDF format {meta.get('format_version')} is not one this lorafit reads "
-                               f"({FORMAT_VERSION}); upgrade lorafit")
+                               f"({', '.join(map(str, READABLE_FORMATS))}); upgrade lorafit")
         options = dict(meta["vectorizer"], ngram_range=tuple(meta["vectorizer"]["ngram_range"]))
         vectorizer = TfidfVectorizer(**options, dtype=np.float32,
                                      vocabulary={word: i for i, word in enumerate(meta["vocabulary"])})
         vectorizer.idf_ = arrays["idf"]
-        return cls(vectorizer, arrays["coef"], arrays["intercept"], meta["weight"], meta["C"])
+        return cls(vectorizer, arrays["coef"], arrays["intercept"], weight, meta["C"])
 
 
 def fit_tfidf(texts: Sequence[str], labels: np.ndarray, n_classes: int, weight: float,
               validation: Optional[tuple[Sequence[str], np.ndarray]] = None) -> tuple[TfidfModel, dict[str, Any]]:
-    """Fit on the training rows. Returns the model and what run.json records about it (with the TF-IDF model's
-    own accuracy on the validation split, when there is one)."""
+    """Fit on the training rows. Returns the model (blending at `weight`) and what run.json records about it:
+    measurements (C, features, fit time, the TF-IDF model's own accuracy on the validation split when there is
+    one), not the weight, which the run's config holds."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
@@ -111,7 +117,7 @@ def fit_tfidf(texts: Sequence[str], labels: np.ndarray, n_classes: int, weight: 
     score = None
     if validation is not None and len(validation[0]):
         score = float((model.proba(validation[0]).argmax(1) == np.asarray(validation[1])).mean())
-    info = {"weight": weight, "C": C, "features": model.n_features, "validation_accuracy_tfidf": score,
+    info = {"C": C, "features": model.n_features, "validation_accuracy_tfidf": score,
             "fit_s": round(time.time() - t0, 2)}
     return model, info
 
