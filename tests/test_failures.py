@@ -170,7 +170,7 @@ def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_wi
     (1, 4, 1, "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"),
 ])
 def test_the_smaller_batch_keeps_the_global_batch_where_it_can(batch, accum, processes, expected):
-    from lorafit.recipe import smaller_batch
+    from lorafit.errors import smaller_batch
 
     assert smaller_batch(batch, accum, processes) == expected
 

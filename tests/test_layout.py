@@ -154,3 +154,80 @@ def test_the_run_file_check_sees_a_literal(tmp_path):
             "spells 'test_metrics.json'", "spells 'splits.json'", "spells '/config.yaml'"]
     finally:
         ROOT = root
+
+
+# --- import arrows: no circle in src/lorafit or in bench/ -------------------------------------------------------
+def import_arrows(files: list[Path], package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same set it imports, anywhere in its file (a lazy import inside a function is
+    an arrow too). `package`: "lorafit" for src/lorafit (relative and absolute imports), "" for bench/ scripts,
+    which import each other by bare name."""
+    names = {p.stem for p in files}
+    arrows: dict[str, set[str]] = {p.stem: set() for p in files}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = (node.module or "") if not node.level else f"{package}.{node.module or ''}".rstrip(".")
+                if package and base == package:  # from . import a, b: the names are modules
+                    targets = [a.name for a in node.names]
+                elif package and base.startswith(package + "."):
+                    targets = [base.split(".")[1]]
+                elif not package:
+                    targets = [base.split(".")[0]]
+            elif isinstance(node, ast.Import):
+                targets = [a.name.split(".")[1] if package and a.name.startswith(package + ".") else
+                           a.name.split(".")[0] for a in node.names if package == "" or a.name.startswith(package + ".")]
+            arrows[path.stem] |= {t for t in targets if t in names and t != path.stem}
+    return arrows
+
+
+def find_cycle(arrows: dict[str, set[str]]) -> list[str]:
+    """One import circle as [a, b, ..., a], or [] when there is none (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(arrows[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[module] = 2
+        path.pop()
+        return []
+
+    for module in sorted(arrows):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+def test_no_import_circle_in_src():
+    arrows = import_arrows(sorted(PACKAGE.glob("*.py")), "lorafit")
+    assert len(arrows) > 30 and "recipe" in arrows["train"]
+    assert find_cycle(arrows) == []
+
+
+def test_no_import_circle_in_bench():
+    arrows = import_arrows(sorted((ROOT / "bench").glob("*.py")), "")
+    assert "common" in arrows["train_step"]
+    assert find_cycle(arrows) == []
+
+
+def test_the_recipe_imports_no_feature_and_no_speed_path():
+    """Distillation, the blend and R-Drop plug in through extensions.py; the forward pass's changes through
+    forward_pass.py: the recipe names none of the modules that implement them."""
+    arrows = import_arrows(sorted(PACKAGE.glob("*.py")), "lorafit")
+    assert not arrows["recipe"] & {"distill", "blend", "tfidf", "rdrop", "frozen", "prefix_cache", "search"}
+    assert len((PACKAGE / "recipe.py").read_text(encoding="utf-8").splitlines()) < 600
+
+
+def test_the_cycle_check_sees_a_lazy_circle(tmp_path):
+    (tmp_path / "a.py").write_text("from .b import x\n")
+    (tmp_path / "b.py").write_text("def f():\n    from . import a\n")
+    (tmp_path / "c.py").write_text("import lorafit.a\n")
+    arrows = import_arrows(sorted(tmp_path.glob("*.py")), "lorafit")
+    assert arrows == {"a": {"b"}, "b": {"a"}, "c": {"a"}}
+    assert find_cycle(arrows) == ["a", "b", "a"]

@@ -39,3 +39,13 @@ def _short_path(filename: str) -> str:
         if path.startswith(root.rstrip(os.sep) + os.sep):
             return os.path.relpath(path, root).replace(os.sep, "/")
     return filename
+
+
+def smaller_batch(batch_size: int, grad_accum_steps: int, processes: int = 1) -> str:
+    """What to train with after running out of memory: half the batch, twice the accumulation steps."""
+    half = batch_size // 2
+    if half < 1:
+        return "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"
+    before, after = batch_size * grad_accum_steps * processes, half * 2 * grad_accum_steps * processes
+    same = f"the same global batch of {before}" if after == before else f"a global batch of {after} for {before}"
+    return f"train again with --batch-size {half} --grad-accum-steps {2 * grad_accum_steps} ({same})"

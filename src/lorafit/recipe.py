@@ -31,7 +31,7 @@ from . import forward_pass, rundir
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, torch_rng_state
 from .config import Config
 from .data_prep import check_same_splits, prepare_data, resolve_label_offset, training_loader
-from .errors import Interrupted, LorafitError, describe
+from .errors import Interrupted, LorafitError, describe, smaller_batch
 from .evaluate import better, compute_metrics, predict_logits, scalar_metrics, softmax
 from .extensions import CrossEntropyLoss, Extension, LossFn
 from .model import (
@@ -88,16 +88,6 @@ class LoopState:
 
 # counters a step changes before its optimizer update; restored from the boundary after an out-of-memory error
 STEP_COUNTERS = ("batches_done", "loss_count", "seen", "samples", "real_tokens", "padded_tokens")
-
-
-def smaller_batch(batch_size: int, grad_accum_steps: int, processes: int = 1) -> str:
-    """What to train with after running out of memory: half the batch, twice the accumulation steps."""
-    half = batch_size // 2
-    if half < 1:
-        return "train again with a shorter --max-length or a smaller model (--batch-size is already 1)"
-    before, after = batch_size * grad_accum_steps * processes, half * 2 * grad_accum_steps * processes
-    same = f"the same global batch of {before}" if after == before else f"a global batch of {after} for {before}"
-    return f"train again with --batch-size {half} --grad-accum-steps {2 * grad_accum_steps} ({same})"
 
 
 class TrainingRecipe:
