@@ -336,7 +336,7 @@ class Objective:
         self.metric = cfg.train.metric_for_best
         self.maximize = self.metric != "loss"
         self.budget = cfg.model.param_budget
-        # owned here, handed to every trial: tokenisation and frozen-prefix states are shared (see train.py)
+        # owned here, handed to every trial: tokenisation and frozen-prefix states are shared (see recipe.TrainingRecipe)
         self.reuse: dict = {}
 
     def __call__(self, trial) -> float:
