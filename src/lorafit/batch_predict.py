@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ import pyarrow as pa
 from .config import DataConfig, PredictConfig
 from .data import MAX_TEXT_CHARS, looks_like_jsonl, read_table
 from .errors import LorafitError
-from .fileio import atomic_write_json
+from .fileio import atomic_path, atomic_write_json
 
 STATE_VERSION = 1
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -700,9 +699,7 @@ class ParquetSink:
     def finish(self, output: Path) -> None:
         import pyarrow.parquet as pq
 
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(output) as tmp:
             with pq.ParquetWriter(tmp, self.schema) as writer:
                 buffered: list[pa.Table] = []
                 rows = 0
@@ -716,11 +713,6 @@ class ParquetSink:
                         buffered, rows = [whole.slice(ROW_GROUP_ROWS)], rows - ROW_GROUP_ROWS
                 if rows:
                     writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
-            os.replace(tmp, output)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         shutil.rmtree(self.path)
 
 

@@ -8,7 +8,6 @@ filter by length, resolve the label numbering, and feed each process its share o
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -149,7 +148,3 @@ def training_loader(train: Encoded, cfg: Config, pad_id: int, process_index: int
                                                                                            num_processes),
                                        collate_fn=Collator(pad_id, t.pad_to_multiple_of),
                                        generator=torch.Generator().manual_seed(t.seed))
-
-
-def steps_per_epoch(loader, grad_accum_steps: int) -> int:
-    return math.ceil(len(loader.batch_sampler) / grad_accum_steps)

@@ -229,7 +229,7 @@ def cache_cap_bytes(cache_max_gb) -> Optional[float]:
 
 def build_prefix_cache(cfg, model: nn.Module, encoded: dict[str, Encoded], pad_id: int, precision: str, device,
                        autocast, console, reuse: Optional[dict] = None) -> tuple[Optional[FrozenPrefix], dict[str, float], dict]:
-    """The training loop's one entry point: decide whether to cache the frozen prefix (train.cache_frozen_prefix,
+    """forward_pass.apply's entry point: decide whether to cache the frozen prefix (train.cache_frozen_prefix,
     a frozen lower part, the size estimate under train.cache_max_gb), build it for every split, and say so.
     `model` is the unwrapped model, `precision` lorafit's resolved one (fp32, bf16, fp16), `autocast` a context
     factory or None. `reuse`: a dict kept across runs (a search) where states of the same texts, backbone,

@@ -389,12 +389,8 @@ def _html(title: str, sections, plots_dir: Path) -> str:
         if heading in FOLDED:  # a plain <details>: folded without any script
             out.append(f"<details><summary>show all {len(content)}</summary>")
         if isinstance(content, Figures):
-            figs = []
-            for name, caption in content:
-                data = base64.b64encode((plots_dir / name).read_bytes()).decode("ascii")
-                figs.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
-                            f"<figcaption>{e(caption)}</figcaption></figure>")
-            out.append("<div class='figs'>" + "".join(figs) + "</div>")
+            out.append("<div class='figs'>" + "".join(figure_html(plots_dir / name, caption)
+                                                      for name, caption in content) + "</div>")
         elif isinstance(content, str):
             out.append("<div class='warn'>" + "<br>".join(e(line) for line in content.splitlines()) + "</div>")
         else:
@@ -529,3 +525,10 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     atomic_write_text(out / "compare.md", md)
     atomic_write_text(out / "compare.html", _html(title, sections, out))
     return out / "compare.html"
+
+
+def figure_html(png: Path, caption: str) -> str:
+    """A captioned figure with the PNG inlined: the page stays one self-contained file."""
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    e = html.escape
+    return f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'><figcaption>{e(caption)}</figcaption></figure>"

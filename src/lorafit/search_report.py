@@ -4,7 +4,6 @@ search_report.html. Drawn from the study storage alone, so any worker (or a late
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .fileio import atomic_write_bytes, atomic_write_text
+from .report import figure_html
 
 PLOTS_DIR = "plots"
 
@@ -117,10 +117,7 @@ def write_search_report(study, study_dir: Path, cfg, test_metrics: Optional[dict
             "<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in table[0]) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in table[1:])
             + "</table><h2>Plots</h2>"]
-    for name, caption in drawn:
-        data = base64.b64encode((plots_dir / name).read_bytes()).decode("ascii")
-        body.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption>{e(caption)}</figcaption></figure>")
+    body += [figure_html(plots_dir / name, caption) for name, caption in drawn]
     if problems:
         body.append("<h2>Plots not drawn</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>")
     body.append("<p>Reproduce the best trial: <code>lorafit train best.yaml</code>.</p>")
