@@ -13,8 +13,8 @@ What it may change, each listed in config.py's train section and recorded in run
 - the frozen Linear weights held in the autocast dtype, or run through fbgemm's int8 kernel, and PEFT's LoRA
   layers as one autograd node (train.int8_frozen_weights, train.fused_lora; frozen.py);
 - dropout masks drawn a byte per element on the CPU (train.fast_dropout; FastDropout below).
-Nothing else in lorafit patches a model. A quantized base (model.quantize) gets none of the patches: bitsandbytes'
-packed weights must stay as loaded (issue 23).
+Nothing else in lorafit patches a model while it trains. A quantized base (model.quantize) gets none of the
+patches: bitsandbytes' packed weights must stay as loaded (issue 23).
 """
 
 from __future__ import annotations
