@@ -60,6 +60,24 @@ def _bpe_tokenizer():
     return tok
 
 
+def write_table(df, path: Path, fmt: str, row_group_size=None) -> None:
+    """`df` as an input file in `fmt` (csv, csv.gz, tsv, jsonl, parquet, txt: the text column alone, pkl)."""
+    if fmt in ("csv", "csv.gz"):
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif fmt == "parquet":
+        df.to_parquet(path, row_group_size=row_group_size)
+    elif fmt == "txt":
+        path.write_text("\n".join(df["text"]) + "\n", encoding="utf-8")
+    elif fmt == "pkl":
+        df.to_pickle(path)
+    else:
+        raise ValueError(f"write_table: unknown format {fmt!r}")
+
+
 def make_tiny_model(family: str, out: Path) -> Path:
     """Save a tiny random encoder of `family` (bert, roberta, distilbert) with its tokenizer to `out`."""
     from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig,

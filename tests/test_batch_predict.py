@@ -19,6 +19,8 @@ from lorafit.batch_predict import partial_paths, predict_file, predict_table
 from lorafit.config import DataConfig, PredictConfig
 from lorafit.errors import LorafitError
 
+from conftest import write_table
+
 FORMATS = ["csv", "tsv", "jsonl", "parquet", "txt", "pkl", "csv.gz"]
 
 
@@ -39,18 +41,7 @@ def quiet():
 
 
 def write(df: pd.DataFrame, path, fmt: str) -> None:
-    if fmt in ("csv", "csv.gz"):
-        df.to_csv(path, index=False)
-    elif fmt == "tsv":
-        df.to_csv(path, sep="\t", index=False)
-    elif fmt == "jsonl":
-        df.to_json(path, orient="records", lines=True)
-    elif fmt == "parquet":
-        df.to_parquet(path, row_group_size=6)  # several row groups: iter_batches crosses them
-    elif fmt == "txt":
-        path.write_text("\n".join(df["text"]) + "\n", encoding="utf-8")
-    elif fmt == "pkl":
-        df.to_pickle(path)
+    write_table(df, path, fmt, row_group_size=6)  # several Parquet row groups: iter_batches crosses them
 
 
 def run(clf, src, out, **options):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import lorafit
 from lorafit.cli import app
 
-from conftest import SAMPLE_TEXTS, encoder_alone, tiny_config
+from conftest import SAMPLE_TEXTS, encoder_alone, tiny_config, write_table
 
 runner = CliRunner()
 
@@ -53,27 +53,12 @@ def test_classify_human_and_json(tiny_run):
     assert res.stdout.split()[0] == clf.predict(SAMPLE_TEXTS[2:3])[0]  # "<label> <probability>  <text>"
 
 
-def _write(df: pd.DataFrame, path, fmt):
-    if fmt == "csv":
-        df.to_csv(path, index=False)
-    elif fmt == "tsv":
-        df.to_csv(path, sep="\t", index=False)
-    elif fmt == "jsonl":
-        df.to_json(path, orient="records", lines=True)
-    elif fmt == "parquet":
-        df.to_parquet(path)
-    elif fmt == "txt":
-        path.write_text("\n".join(df["text"]) + "\n", encoding="utf-8")
-    elif fmt == "pkl":
-        df.to_pickle(path)
-
-
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "txt", "pkl"])
 def test_predict_formats(tiny_run, labelled, tmp_path, fmt):
     texts = labelled[0][:20]
     df = pd.DataFrame({"ID": [f"q{i}" for i in range(len(texts))], "text": texts})
     src = tmp_path / f"in.{fmt}"
-    _write(df, src, fmt)
+    write_table(df, src, fmt)
     out = tmp_path / "preds.csv"
     extra = ["--allow-pickle"] if fmt == "pkl" else []
     res = invoke("predict", tiny_run, "--input", src, "--output", out, "--backend", "torch", *extra)
