@@ -111,12 +111,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, process_ind
     The RNG states are `process_index`'s (process 0's if the checkpoint has fewer processes)."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        params = dict(model.named_parameters())
         trainable = load_file(path / "trainable.safetensors")
-        missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
-        if missing:
-            raise LorafitError(f"{path}: checkpoint does not match the model (missing {missing[0]}); "
-                               "was the config changed since the run started?")
         load_trainable_state_dict(model, trainable, source=str(path))  # never a frozen (or quantized) weight
         opt_tensors = load_file(path / "optimizer.safetensors")
         opt_state: dict[int, dict[str, torch.Tensor]] = {}

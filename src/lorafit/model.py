@@ -483,12 +483,17 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
     """Copy saved trainable weights (the best step's, a checkpoint's) into the model's trainable parameters, in
     place. Only those: a frozen weight is never written, so a quantized base (bitsandbytes' packed weights and
-    their quantization state) stays exactly as loaded; a name that is not a trainable parameter is an error."""
+    their quantization state) stays exactly as loaded; a name that is not a trainable parameter, or a trainable
+    parameter the state lacks, is an error."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     foreign = [n for n in state if n not in trainable]
     if foreign:
         raise LorafitError(f"{source}: {foreign[0]} is not a trainable parameter of this model "
                            f"({len(foreign)} such); was the config changed since the run started?")
+    missing = [n for n in trainable if n not in state]
+    if missing:
+        raise LorafitError(f"{source}: does not match the model (missing {missing[0]}); was the config changed "
+                           "since the run started?")
     with torch.no_grad():
         for name, value in state.items():
             trainable[name].copy_(value)
