@@ -10,12 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .evaluate import accuracy
 from .extensions import Extension
 from .tfidf import TfidfModel, fit_tfidf
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
 
 class TfidfBlend(Extension):

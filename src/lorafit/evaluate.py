@@ -56,6 +56,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return F.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 
+def accuracy(scores: np.ndarray, labels) -> float:
+    """The share of rows whose highest score (logit or probability) is their label; nan without rows."""
+    return float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
+
+
 def compute_metrics(labels: np.ndarray, logits: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """Accuracy, macro/weighted precision-recall-F1, loss, per-class report and confusion matrix."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support

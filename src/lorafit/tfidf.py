@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import LorafitError
-from .evaluate import softmax
+from .evaluate import accuracy, softmax
 from .fileio import atomic_write_text
 
 # inverse regularisation, fixed: one fit (about 2 s on 4,000 texts). The tfidf baseline of bench/accuracy.py, which
@@ -116,7 +116,7 @@ def fit_tfidf(texts: Sequence[str], labels: np.ndarray, n_classes: int, weight: 
     model = TfidfModel(vectorizer, coef, intercept, weight, C)
     score = None
     if validation is not None and len(validation[0]):
-        score = float((model.proba(validation[0]).argmax(1) == np.asarray(validation[1])).mean())
+        score = accuracy(model.proba(validation[0]), validation[1])
     info = {"C": C, "features": model.n_features, "validation_accuracy_tfidf": score,
             "fit_s": round(time.time() - t0, 2)}
     return model, info
