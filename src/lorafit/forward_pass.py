@@ -30,9 +30,7 @@ from .data import Encoded
 from .evaluate import predict_logits
 from .frozen import calibrate_int8, frozen_linears, int8_available
 from .prefix_cache import build_prefix_cache
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from .runtime import autocast
 
 def frozen_mode(cfg: Config, precision: str, device: str) -> Optional[str]:
     """How the frozen Linear weights compute in training steps (see frozen.py): in the autocast dtype, in int8
@@ -64,14 +62,6 @@ def speed_paths(cfg: Config, precision: str, device_type: str, prefix=None) -> d
         "attention_kernel": t.cpu_attention_kernel if device_type == "cpu" else "default",
         "quantized_base": cfg.model.quantize,
     }
-
-
-def autocast(precision: str, device_type: str):
-    """lorafit's mixed precision: autocast to bf16/fp16, or nothing in fp32. Applied by lorafit rather than by
-    Accelerate, whose process-wide mixed-precision state a second run in the same process may not change."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def training_attention(device: torch.device, kernel: str = "math"):

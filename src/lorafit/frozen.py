@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import AUTOCAST_DTYPES
 
-HELD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+HELD_DTYPES = AUTOCAST_DTYPES  # the frozen weights are held in the dtype autocast computes in
 
 
 # The int8 path relies on torch's deprecated quantized-tensor ops (torch.ops.quantized.linear_prepack /

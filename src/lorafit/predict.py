@@ -17,7 +17,7 @@ from .errors import LorafitError
 from .evaluate import batched_apply, predict_logits, softmax
 from .extras import require_extra
 from .rundir import MODEL_DIR, TOKENIZER_DIR, read_label_offset, read_labels, read_run, read_tfidf
-from .runtime import inference_batch_size, inference_precision, resolve_device
+from .runtime import autocast as runtime_autocast, inference_batch_size, inference_precision, resolve_device
 
 EXPORT_DIR = "export"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -179,21 +179,20 @@ def _load(run_dir: Path, device: str, batch_size: Union[int, str], merge: bool, 
     tokenizer = load_tokenizer(str(run_dir / TOKENIZER_DIR))
     kind, onnx_path = resolve_backend(run_dir, backend, device)
     tfidf = read_tfidf(run_dir, cfg)  # blending at config.yaml's model.tfidf_weight
+    model = autocast = None
     if kind != "torch":
-        return Classifier(None, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
-                          device=device, run_dir=run_dir, backend=OnnxBackend(onnx_path, name=kind, device=device),
-                          tfidf=tfidf, label_offset=read_label_offset(run_dir))
-    precision = inference_precision(precision, device)
-    if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
-        check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
-    model = load_trained(cfg.model, label_names, run_dir / MODEL_DIR, merge=merge).to(device)
-    autocast = None
-    if precision == "bf16":
-        device_type = torch.device(device).type
-        autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)  # noqa: E731
-    return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text,
-                      batch_size=batch_size, device=device, autocast=autocast, run_dir=run_dir,
-                      backend=TorchBackend(model, device, autocast, name=torch_backend_name(precision)), tfidf=tfidf,
+        backend = OnnxBackend(onnx_path, name=kind, device=device)
+    else:
+        precision = inference_precision(precision, device)
+        if cfg.model.method != "full":  # a full run saved every weight; the others are rebuilt on the backbone
+            check_backbone(info.get("backbone"), cfg.model.model, run_dir, allow_different_base)
+        model = load_trained(cfg.model, label_names, run_dir / MODEL_DIR, merge=merge).to(device)
+        if precision == "bf16":
+            device_type = torch.device(device).type
+            autocast = lambda: runtime_autocast(precision, device_type)  # noqa: E731
+        backend = TorchBackend(model, device, autocast, name=torch_backend_name(precision))
+    return Classifier(model, tokenizer, label_names, cfg.data.max_length, cfg.data.clean_text, batch_size=batch_size,
+                      device=device, autocast=autocast, run_dir=run_dir, backend=backend, tfidf=tfidf,
                       label_offset=read_label_offset(run_dir))
 
 

@@ -3,6 +3,7 @@ command share, resolved the same way everywhere ('auto' means the same thing in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -62,6 +63,18 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"  # MPS autocast covers few ops; fp32 is the safe default there
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device_type: str):
+    """The context a forward runs in at `precision`: autocast to bf16/fp16, or nothing in fp32. Training and
+    prediction alike (lorafit applies it rather than Accelerate, whose process-wide mixed-precision state a second
+    run in the same process may not change)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
+
+
 def inference_precision(precision: str, device: str) -> str:
     """Prediction's precision: 'auto' is bf16 on a CUDA GPU that has it and fp32 elsewhere (on a CPU bf16 autocast
     is a choice the user makes: it changes the logits slightly, and pays only with AVX512-BF16 or AMX)."""
@@ -90,7 +103,7 @@ class Runtime:
     directory is created. The Accelerator shares that same process-wide state; it is made only when the run
     directory exists because its TensorBoard tracker needs the logging folder when it is constructed. It always
     runs with mixed_precision="no": a second Accelerator in the same process (a notebook, a sweep) may not change
-    Accelerate's process-wide precision, so lorafit applies its own through forward_pass.autocast."""
+    Accelerate's process-wide precision, so lorafit applies its own through runtime.autocast."""
 
     def __init__(self, cfg):
         from accelerate import PartialState
