@@ -173,15 +173,16 @@ PLOTS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def draw_plots(view: RunView, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Draw every plot independently; return ([(file, caption)], [warnings])."""
+def draw_plots(view, out_dir: Path, plots: dict = PLOTS) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw each of `plots` independently for `view` (a RunView, or an EvaluationView, whose split's name takes
+    the place of 'Test' in the captions); return ([(file, caption)], [warnings])."""
     drawn, problems = [], []
-    for filename, (caption, draw) in PLOTS.items():
+    for filename, (caption, draw) in plots.items():
         try:
             fig, ax = _figure()
             draw(view, ax)
             atomic_write_bytes(out_dir / filename, _png(fig))
-            drawn.append((filename, caption))
+            drawn.append((filename, caption.replace("Test", view.split)))
         except Exception as exc:  # noqa: BLE001 - one broken plot must not cost the others or the run
             problems.append(f"plot {filename} could not be drawn: {describe(exc)}")
     return drawn, problems
@@ -459,15 +460,7 @@ def write_evaluation(run_dir: str | Path, out_dir: str | Path, source: str, rows
     write_evaluation_files(out, {"run": str(run_dir), "data": source, "backend": backend, **metrics},
                            rows, texts, labels, softmax(logits), names)
     view = EvaluationView(out, source, names, metrics)
-    plots, problems = [], []
-    for filename, (caption, draw) in EVALUATION_PLOTS.items():
-        try:
-            fig, ax = _figure()
-            draw(view, ax)
-            atomic_write_bytes(out / PLOTS_DIR / filename, _png(fig))
-            plots.append((filename, caption.replace("Test", view.split)))
-        except Exception as exc:  # noqa: BLE001 - a plot that fails is a warning, as in the run report
-            problems.append(f"plot {filename} could not be drawn: {type(exc).__name__}: {exc}")
+    plots, problems = draw_plots(view, out / PLOTS_DIR, EVALUATION_PLOTS)
     pairs = confused_pairs(view)
     summary = [["accuracy", _fmt(metrics.get("accuracy"))], ["macro F1", _fmt(metrics.get("f1_macro"))],
                ["loss", _fmt(metrics.get("loss"))], ["texts", _fmt(metrics.get("n"))]]
