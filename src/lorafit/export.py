@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +17,7 @@ from torch import nn
 from .errors import LorafitError
 from .fileio import atomic_directory, atomic_write_json, atomic_write_text
 from .predict import EXPORT_DIR, ONNX_FILES, OnnxBackend, load
-from .rundir import read_run, read_test_texts, read_tfidf_weight
+from .rundir import now, read_run, read_test_texts, read_tfidf_weight
 
 MEAN_POOLING_README = """# {name}: merged encoder + mean-pooling head (exported by lorafit)
 
@@ -159,7 +158,7 @@ def export_onnx(run_dir: str | Path, int8: bool = False, opset: int = 17, check_
             leftover.unlink()
 
     report: dict[str, Any] = {
-        "format": "onnx", "opset": opset, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": "onnx", "opset": opset, "created_at": now(),
         "files": {k: v.name for k, v in files.items()}, "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"],
         "pooling": cfg.model.pooling, "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
     }

@@ -94,6 +94,11 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "hardware": hardware}
 
 
+def now() -> str:
+    """A timestamp as run.json records them (UTC, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class RunRecord:
     """run.json, rewritten atomically on every change so a reader never sees a half-written status."""
 
@@ -106,7 +111,7 @@ class RunRecord:
         rec = cls(Path(run_dir) / RUN_FILE, {
             "layout_version": LAYOUT_VERSION,
             "status": "running",
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": now(),
             **environment(),
         })
         rec.save()
@@ -119,7 +124,7 @@ class RunRecord:
         data = json.loads(path.read_text(encoding="utf-8"))
         data.pop("error", None)
         rec = cls(path, {**data, "layout_version": LAYOUT_VERSION, "status": "running",
-                         "resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                         "resumed_at": now()})
         rec.save()
         return rec
 
@@ -160,10 +165,6 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 # --- config.yaml ------------------------------------------------------------------------------------------
-def has_config(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / CONFIG_FILE).is_file()
-
-
 def read_config(run_dir: str | Path) -> Config:
     """config.yaml: the resolved config the run was trained with."""
     return Config.from_yaml(Path(run_dir) / CONFIG_FILE)
@@ -359,11 +360,6 @@ def evaluation_dir(run_dir: Path, source: Path) -> Path:
 
 
 # --- what train writes besides run.json ------------------------------------------------------------------------
-def now() -> str:
-    """A timestamp as run.json records them (UTC, seconds)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def write_run_inputs(run_dir: Path, cfg: Config, bundle, tokenizer) -> None:
     """What a new run starts from: config.yaml, labels.json, data.json, splits.json and tokenizer/."""
     write_config(run_dir, cfg)
