@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DataConfig, PredictConfig
-from .data import MAX_TEXT_CHARS, looks_like_jsonl, read_table
+from .data import MAX_TEXT_CHARS, check_pickle_allowed, looks_like_jsonl, read_table, suffix_and_compression
 from .errors import LorafitError
 from .fileio import atomic_path, atomic_write_json
 
@@ -70,6 +70,15 @@ def find_id_column(columns: Sequence[str], id_column: Optional[str]) -> Optional
     if id_column is not None:
         return id_column
     return next((c for c in columns if c in ("id", "ID", "Id")), None)
+
+
+def checked_id_column(columns: Sequence[str], id_column: Optional[str], origin: Optional[str] = None) -> Optional[str]:
+    """find_id_column's answer, with a named column that is not among `columns` one line (prefixed with `origin`,
+    the file, when given)."""
+    found = find_id_column(columns, id_column)
+    if found is not None and found not in columns:
+        raise LorafitError(f"{origin + ': ' if origin else ''}no id column '{found}' (columns: {', '.join(columns)})")
+    return found
 
 
 def output_schema(clf, cfg: PredictConfig, id_type: pa.DataType) -> pa.Schema:
@@ -121,9 +130,7 @@ def predict_table(clf, table: pa.Table, cfg: Optional[PredictConfig] = None, tex
         # the empty text, alone in its batch: its answer is then the same whatever chunk it falls in
         probs[blank] = clf.predict_proba([""], allow_blank=True)[0]
     if ids is None:
-        name = find_id_column(table.column_names, cfg.id_column)
-        if name is not None and name not in table.column_names:
-            raise LorafitError(f"no id column '{name}' (columns: {', '.join(table.column_names)})")
+        name = checked_id_column(table.column_names, cfg.id_column)
         ids = table.column(name) if name is not None else pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
     ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)
     if pa.types.is_dictionary(ids.type):
@@ -173,9 +180,7 @@ class Chunk:
 
 def input_kind(path: Path) -> tuple[str, Optional[str]]:
     """(kind, compression): kind csv, tsv, jsonl, json, parquet, txt or pickle."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = "gzip" if suffixes and suffixes[-1] == ".gz" else None
-    suffix = suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+    suffix, compression = suffix_and_compression(path)
     kinds = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet",
              ".txt": "txt", ".pkl": "pickle", ".pickle": "pickle"}
     if suffix not in kinds or (compression and kinds[suffix] in ("parquet", "pickle")):
@@ -202,9 +207,8 @@ class InputFile:
         if self.path.is_dir():
             raise LorafitError(f"{self.path}: is a directory; give one file (engine=ray reads folders)")
         self.kind, self.compression = input_kind(self.path)
-        if self.kind == "pickle" and not allow_pickle:
-            raise LorafitError(f"{self.path}: pickle files can run arbitrary code when loaded; pass --allow-pickle "
-                               "only if you trust this file")
+        if self.kind == "pickle":
+            check_pickle_allowed(self.path, allow_pickle)
         if self.path.stat().st_size == 0:
             raise LorafitError(f"{self.path}: file is empty")
         self.text_columns = ["text"] if self.kind == "txt" else list(text_columns)
@@ -217,7 +221,7 @@ class InputFile:
         self._frame = None
         try:
             if self.kind in ("csv", "tsv"):
-                names = self._csv_header()
+                names = self.csv_names = self._csv_header()  # read once: _csv_pieces needs them again
             elif self.kind == "parquet":
                 import pyarrow.parquet as pq
 
@@ -239,9 +243,7 @@ class InputFile:
         if missing:
             raise LorafitError(f"{self.path}: no column {', '.join(repr(m) for m in missing)} (columns: "
                                f"{', '.join(names)}); set --text-column")
-        self.id_column = find_id_column(names, self.requested_id)
-        if self.id_column is not None and self.id_column not in names:
-            raise LorafitError(f"{self.path}: no id column '{self.id_column}' (columns: {', '.join(names)})")
+        self.id_column = checked_id_column(names, self.requested_id, str(self.path))
 
     def _unreadable(self, exc: Exception) -> LorafitError:
         """A failure of the whole file (not of one row) as one line: what the reader said, and what to do."""
@@ -289,8 +291,7 @@ class InputFile:
     def _id_values(self, table: pa.Table, rows: np.ndarray) -> pa.Array:
         if self.id_column is None:
             return pa.array(rows.astype(np.int64))
-        ids = table.column(self.id_column).combine_chunks()
-        return ids.cast(ids.type.value_type) if pa.types.is_dictionary(ids.type) else ids
+        return table.column(self.id_column).combine_chunks()  # predict_table casts a dictionary column to its values
 
     def _csv_header(self) -> list[str]:
         with pa.OSFile(str(self.path)) as raw:
@@ -314,7 +315,7 @@ class InputFile:
         )
 
     def _csv_pieces(self) -> Iterator[Piece]:
-        names = self._csv_header()
+        names = self.csv_names
         pending: list[tuple[int, str, int, int]] = []
 
         def on_invalid(row) -> str:
@@ -658,6 +659,11 @@ class CsvSink(AppendedFile):
         os.replace(self.path, output)
 
 
+def part_file(folder: Path, i: int) -> Path:
+    """The Parquet sink's i-th part in its partial folder."""
+    return folder / f"part-{i:08d}.parquet"
+
+
 class ParquetSink:
     """One Parquet part per chunk in the folder `<output>.partial` (a Parquet file cannot be reopened to append);
     when complete, the parts are copied into one file of ROW_GROUP_ROWS-row groups, a temporary file renamed."""
@@ -678,18 +684,13 @@ class ParquetSink:
                     stray.unlink()
         return self.parts
 
-    def _part(self, i: int) -> Path:
-        return self.path / f"part-{i:08d}.parquet"
-
     def append(self, table: pa.Table) -> int:
         import pyarrow.parquet as pq
 
-        final = self._part(self.parts)
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(table.cast(self.schema), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with atomic_path(part_file(self.path, self.parts)) as tmp:
+            pq.write_table(table.cast(self.schema), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         self.parts += 1
         return self.parts
 
@@ -704,7 +705,7 @@ class ParquetSink:
                 buffered: list[pa.Table] = []
                 rows = 0
                 for i in range(self.parts):
-                    part = pq.read_table(self._part(i), schema=self.schema)
+                    part = pq.read_table(part_file(self.path, i), schema=self.schema)
                     buffered.append(part)
                     rows += part.num_rows
                     while rows >= ROW_GROUP_ROWS:
@@ -803,7 +804,7 @@ def _consistent(state: dict[str, Any], paths: dict[str, Path], parquet: bool) ->
     """The partial files hold at least what the state says was completed."""
     partial = paths["partial"]
     if parquet:
-        parts_ok = partial.is_dir() and all((partial / f"part-{i:08d}.parquet").is_file()
+        parts_ok = partial.is_dir() and all(part_file(partial, i).is_file()
                                             for i in range(state["chunks_done"]))
     else:
         parts_ok = partial.is_file() and partial.stat().st_size >= state["bytes"]
@@ -984,7 +985,7 @@ def _schema_of(partial: Path, parquet: bool) -> Optional[pa.Schema]:
     if parquet:
         import pyarrow.parquet as pq
 
-        return pq.read_schema(next(iter(sorted(partial.iterdir()))))
+        return pq.read_schema(part_file(partial, 0))
     return None
 
 

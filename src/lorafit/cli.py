@@ -221,11 +221,11 @@ def parse_flag(name: str, value: Any) -> Any:
     return parse_value(next(s for s in SECTIONS.values() if name in s.model_fields), name, value)
 
 
-def build(model: type[BaseModel], flags: dict[str, Any], base: Optional[BaseModel] = None) -> Any:
-    """The model from the flags given (unset ones keep their default, or `base`'s value); one line if invalid."""
+def build(model: type[BaseModel], flags: dict[str, Any]) -> Any:
+    """The model from those of the flags that are its fields (unset ones keep their default); one line if invalid."""
     values = {k: parse_value(model, k, v) for k, v in flags.items() if k in model.model_fields and v is not None}
     try:
-        return model.model_validate({**(base.model_dump() if base is not None else {}), **values})
+        return model.model_validate(values)
     except ValidationError as exc:
         raise LorafitError(flag_error(exc)) from None
 
@@ -238,10 +238,6 @@ def flag_error(exc: ValidationError) -> str:
         flag = f"--{name.replace('_', '-')} {e.get('input')}" if name else "command line"
         parts.append(f"{flag}: {e['msg']}")
     return "; ".join(parts)
-
-
-def pop_fields(flags: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
-    return {k: flags.pop(k) for k in list(flags) if k in model.model_fields}
 
 
 def with_signature(params: list[inspect.Parameter]):
@@ -428,9 +424,9 @@ def _distill(teacher_run: Path, config: Optional[Path] = None, print_config: boo
 
 
 # --- inference: classify, predict, evaluate -----------------------------------------------------------------
-def inference_options(model: type[BaseModel] = InferenceConfig, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    names = [n for n in InferenceConfig.model_fields if n not in skip]
-    return schema_options(model, names, panel="inference")
+def inference_options(model: type[BaseModel] = InferenceConfig) -> list[inspect.Parameter]:
+    """InferenceConfig's options, from `model`'s schema (ServeConfig extends InferenceConfig with its defaults)."""
+    return schema_options(model, InferenceConfig.model_fields, panel="inference")
 
 
 def read_options(names=READ_FIELDS) -> list[inspect.Parameter]:
@@ -442,17 +438,19 @@ def load_classifier(run: Path, flags: dict[str, Any]):
     """The run's classifier with the inference options given (device, backend, precision, batch size)."""
     from .predict import load
 
-    opts = build(InferenceConfig, pop_fields(flags, InferenceConfig))
-    return load(run, device=opts.device, backend=opts.backend, batch_size=opts.batch_size, precision=opts.precision,
-                allow_different_base=opts.allow_different_base)
+    return load(run, **build(InferenceConfig, flags).model_dump())
 
 
 def input_data(clf, read: DataConfig) -> DataConfig:
     """How an input file is read: --text-columns, else --text-column, else the run's own text column(s)."""
     from .batch_predict import input_data_config
 
-    given = read.text_columns or ([read.text_column] if "text_column" in read.model_fields_set else None)
-    return input_data_config(clf, given, allow_pickle=read.allow_pickle)
+    return input_data_config(clf, given_text_columns(read), allow_pickle=read.allow_pickle)
+
+
+def given_text_columns(read: DataConfig) -> Optional[list[str]]:
+    """The input's text columns the user named (--text-columns, else --text-column), or None: the run's own."""
+    return read.text_columns or ([read.text_column] if "text_column" in read.model_fields_set else None)
 
 
 @command("classify", "Classify texts given on the command line.", "Classify texts given on the command line: label and class probabilities.")
@@ -502,14 +500,13 @@ def classify(run: Path, texts: list[str], as_json: bool = False, **flags) -> Non
                     flags={"ray_address": ("--address", "--ray-address")}),
 ])
 def predict_file(run: Path, input: Path, output: Path, **flags) -> None:
-    read = build(DataConfig, pop_fields(flags, DataConfig))  # the input's text columns and pickle switch
-    opts = build(PredictConfig, pop_fields(flags, PredictConfig))
+    read = build(DataConfig, flags)  # the input's text columns and pickle switch
+    opts = build(PredictConfig, flags)
     if opts.engine == "ray":
         from .ray_predict import predict_with_ray
 
-        inference = build(InferenceConfig, pop_fields(flags, InferenceConfig))
-        given = read.text_columns or ([read.text_column] if "text_column" in read.model_fields_set else None)
-        result = predict_with_ray(run, input, output, opts, inference, text_columns=given)
+        inference = build(InferenceConfig, flags)
+        result = predict_with_ray(run, input, output, opts, inference, text_columns=given_text_columns(read))
         err.print(f"wrote {len(result.files)} {opts.shard_format} shards to {output} from {len(result.input_files)} "
                   f"input files in {result.seconds:.0f} s (Ray, {opts.workers} workers)", highlight=False,
                   soft_wrap=True)
@@ -547,7 +544,7 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
     input = input or data
     if input is None:
         raise LorafitError("evaluate: give the labelled file to evaluate on with -i FILE")
-    read = build(DataConfig, pop_fields(flags, DataConfig))  # the input's text columns and pickle switch
+    read = build(DataConfig, flags)  # the input's text columns and pickle switch
     clf = load_classifier(run, flags)
     data = input_data(clf, read)
     df = read_inputs(input, allow_pickle=data.allow_pickle)
@@ -617,7 +614,7 @@ def merge_run(run: Path, output: Optional[Path] = None, out: Optional[Path] = No
 def export_run(run: Path, **flags) -> None:
     from .extras import require_extra
 
-    opts = build(ExportConfig, pop_fields(flags, ExportConfig))
+    opts = build(ExportConfig, flags)
     require_extra("inference", "lorafit export")
     from .export import export_onnx
 
@@ -652,7 +649,7 @@ def push_run(run: Path, **flags) -> None:
 @command("serve", "Serve a run over HTTP with dynamic batching.", "Serve the run over HTTP with dynamic batching: POST /v1/classify, POST /predict, GET /v1/model, "
          "/healthz, /readyz, /metrics, a page at / and OpenAPI at /docs (docs/serving.md).")
 @cli_errors
-@with_signature([run_argument(), *schema_options(ServeConfig, InferenceConfig.model_fields, panel="inference"),
+@with_signature([run_argument(), *inference_options(ServeConfig),
                  *schema_options(ServeConfig, [n for n in ServeConfig.model_fields if n not in InferenceConfig.model_fields],
                                  panel="serve")])
 def serve_run(run: Path, **flags) -> None:
@@ -668,18 +665,14 @@ def serve_run(run: Path, **flags) -> None:
     require_extra("serve", "lorafit serve")
     import uvicorn
 
-    from .predict import resolve_backend
-    from .runtime import resolve_device
     from .serve import check_host, create_app
 
     application = create_app(run, opts)  # reads the run and resolves the backend: bad input fails before listening
     warning = check_host(opts.host, opts.api_key)
     if warning:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    device = resolve_device(opts.device, field="device")
-    kind, _ = resolve_backend(run, opts.backend, device)
     why = " (auto: the fastest the run has here)" if opts.backend == "auto" else ""
-    err.print(f"serving {run} with the {kind} backend on {device}{why} at http://{opts.host}:{opts.port} (page at "
+    err.print(f"serving {run} with the {application.state.backend_name} backend on {application.state.device}{why} at http://{opts.host}:{opts.port} (page at "
               f"/, API at /docs)", highlight=False, soft_wrap=True)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["lorafit.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}

@@ -32,6 +32,20 @@ PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
 
 # --- reading files ------------------------------------------------------------------------------------
+def suffix_and_compression(path: Path) -> tuple[str, Optional[str]]:
+    """A file's type suffix (lower case; the one before .gz for a gzipped file) and its compression (gzip or None)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = "gzip" if suffixes and suffixes[-1] == ".gz" else None
+    return suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes else ""), compression
+
+
+def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
+    """Loading never runs a pickle (arbitrary code) unless the user said so."""
+    if not allow_pickle:
+        raise LorafitError(f"{path}: pickle files can run arbitrary code when loaded; pass --allow-pickle only if "
+                           "you trust this file")
+
+
 def read_table(path: str | Path, allow_pickle: bool = False) -> pd.DataFrame:
     """Read a CSV, TSV, JSONL, JSON, Parquet (or, with allow_pickle, pickle) file into a DataFrame."""
     path = Path(path)
@@ -39,9 +53,7 @@ def read_table(path: str | Path, allow_pickle: bool = False) -> pd.DataFrame:
         raise LorafitError(f"{path}: file not found")
     if path.is_dir():
         raise LorafitError(f"{path}: is a directory; give a .csv, .tsv, .jsonl, .json or .parquet file")
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = "gzip" if suffixes and suffixes[-1] == ".gz" else None
-    suffix = suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+    suffix, compression = suffix_and_compression(path)
     if suffix not in TABLE_SUFFIXES:
         raise LorafitError(
             f"{path}: unsupported file type '{suffix or path.name}'; use .csv, .tsv, .jsonl, .json or .parquet"
@@ -61,11 +73,7 @@ def read_table(path: str | Path, allow_pickle: bool = False) -> pd.DataFrame:
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
         else:
-            if not allow_pickle:
-                raise LorafitError(
-                    f"{path}: pickle files can run arbitrary code when loaded; pass --allow-pickle "
-                    "only if you trust this file"
-                )
+            check_pickle_allowed(path, allow_pickle)
             df = _read_pickle(path)
     except LorafitError:
         raise

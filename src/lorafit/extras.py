@@ -7,13 +7,12 @@ import importlib
 
 from .errors import LorafitError
 
-# the importable modules each extra brings (the mpnet extra is data-only: embedded.py checks its pieces)
+# the importable modules of the extras that require_extra checks (qlora: model.check_quantization; ray:
+# ray_predict; mpnet, data only: embedded.py; each says which extra to install in its own words)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "inference": ("onnx", "onnxruntime"),
     "search": ("optuna",),
-    "qlora": ("bitsandbytes",),
-    "ray": ("ray",),
 }
 
 

@@ -51,8 +51,7 @@ class BatchPredictor:
                  inference: InferenceConfig):
         from .predict import load
 
-        self.clf = load(run_dir, device=inference.device, batch_size=inference.batch_size, backend=inference.backend,
-                        precision=inference.precision, allow_different_base=inference.allow_different_base)
+        self.clf = load(run_dir, **inference.model_dump())  # InferenceConfig's fields are load's keywords
         self.text_columns, self.id_column, self.cfg = text_columns, id_column, cfg
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -99,16 +98,6 @@ def _read(ray, files: list[str], reader: str):
     if reader == "csv":
         return ray.data.read_csv(files)
     return ray.data.read_json(files, lines=True)
-
-
-def _id_column(columns: list[str], id_column: Optional[str], origin: str) -> Optional[str]:
-    """The local engine's rule (batch_predict.find_id_column), with a named column that is not there one line."""
-    from .batch_predict import find_id_column
-
-    found = find_id_column(columns, id_column)
-    if found is not None and found not in columns:
-        raise LorafitError(f"{origin}: no id column '{found}' (columns: {', '.join(columns)})")
-    return found
 
 
 def _lorafit_cause(exc: BaseException) -> Optional[LorafitError]:
@@ -170,15 +159,14 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
     inference = inference or InferenceConfig()
     output_format, cpus_per_worker = cfg.shard_format, cfg.cpus_per_worker
     run_dir = Path(run_dir).resolve()  # actors run elsewhere: an absolute path
-    from .rundir import CONFIG_FILE, has_config
+    from .rundir import read_run
 
-    if not has_config(run_dir):
-        raise LorafitError(f"{run_dir}: not a lorafit run directory (no {CONFIG_FILE})")
+    read_run(run_dir)  # a completed run of a layout this lorafit reads: said here, before Ray starts
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")
     files, reader = input_files(input)
-    from .batch_predict import run_text_columns
+    from .batch_predict import checked_id_column, run_text_columns
 
     texts = list(text_columns) if text_columns else run_text_columns(run_dir)
 
@@ -204,7 +192,7 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         if missing:
             raise LorafitError(f"{origin}: no text column '{missing[0]}' (columns: {', '.join(columns)}); "
                                "name the text column(s)")
-        id_col = _id_column(columns, cfg.id_column, origin)
+        id_col = checked_id_column(columns, cfg.id_column, origin)
         if id_col is None:
             ds, id_col = _numbered(ray, ds), ROW_NUMBER
         ds = ds.select_columns(list(dict.fromkeys([*texts, id_col])))

@@ -466,6 +466,7 @@ def create_app(run_dir: str | Path, options: Optional[ServeConfig] = None, class
 
     route_paths = {route.path for route in app.routes}
     app.state.batcher = batcher
+    app.state.device, app.state.backend_name = device, backend_name  # what `lorafit serve` says it serves with
     return app
 
 
