@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import cpu_name
+from common import cpu_name, report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -231,17 +231,13 @@ def run_peer(args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
             "accuracy": accuracy, "train_samples": samples, "peak_gpu_gb": _peak_gb(), "model_dir": str(merged)}
 
 
-def run_peer_process(argv: list[str], model_dir: Path, out: Path) -> dict[str, Any]:
-    """Row a in a fresh process (see the module docstring); its result comes back as out/peer.json."""
-    result = out / "peer.json"
-    result.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--peer-only", str(model_dir)],
-                          capture_output=True, text=True, env=env)
-    if done.returncode != 0 or not result.is_file():
-        tail = (done.stderr or done.stdout).strip()[-300:]
-        raise RuntimeError(f"the peer's process exited {done.returncode}: {tail}")
-    return json.loads(result.read_text(encoding="utf-8"))
+def run_peer_process(argv: list[str], model_dir: Path) -> dict[str, Any]:
+    """Row a in a fresh process (see the module docstring), its result a RESULT line (common.run_child); the
+    child puts this checkout's src/ on sys.path itself (main)."""
+    result, error = run_child([sys.executable, str(Path(__file__).resolve()), *argv, "--peer-only", str(model_dir)])
+    if result is None:
+        raise RuntimeError(f"the peer's process failed: {error.strip()[-300:]}")
+    return result
 
 
 def lorafit_overrides(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
@@ -406,7 +402,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         data = json.loads((out / "data" / "info.json").read_text(encoding="utf-8"))
         _reset_peak()
         result = run_peer(args, Path(args.peer_only), data, out)
-        (out / "peer.json").write_text(json.dumps(result), encoding="utf-8")
+        report_result(result)
         return result
     model_dir = build_model(out, tokenizer_dir(args.tokenizer), args.tiny, args.seed)
     data = write_data(out / "data", args.repeat, args.rows, args.test_rows, args.seed)
@@ -426,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if skip:
             training.append({"row": row, "note": skip})
             continue
-        work = (lambda: run_peer_process(argv, model_dir, out)) if row == "peer" else \
+        work = (lambda: run_peer_process(argv, model_dir)) if row == "peer" else \
             (lambda row=row: run_lorafit(row, args, model_dir, data, out))
         result = _guarded(row, work)
         if "train_s" in result:
