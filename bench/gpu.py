@@ -271,14 +271,14 @@ def run_lorafit(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[
             "peak_gpu_gb": info.get("peak_gpu_memory_gb"), "run": str(run.path)}
 
 
-def qlora_unavailable() -> Optional[str]:
-    """Why the QLoRA rows cannot run here (lorafit's own check, as `lorafit train --quantize` makes it), or None."""
+def qlora_unavailable(quantize: str = "4bit") -> Optional[str]:
+    """Why a QLoRA row cannot run here (lorafit's own check, as `lorafit train --quantize` makes it), or None."""
     from lorafit.config import ModelConfig
     from lorafit.errors import LorafitError
     from lorafit.model import check_quantization
 
     try:
-        check_quantization(ModelConfig(quantize="4bit"))
+        check_quantization(ModelConfig(quantize=quantize))
     except LorafitError as exc:
         return f"skipped: {exc} (carry bitsandbytes' wheel: docs/gpu.md)"
     return None
@@ -418,7 +418,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for row in TRAIN_ROWS:
         if row not in wanted:
             continue
-        skip = qlora_unavailable() if row.startswith("qlora") else None
+        skip = qlora_unavailable(row.removeprefix("qlora-")) if row.startswith("qlora") else None
         if skip:
             training.append({"row": row, "note": skip})
             continue

@@ -42,7 +42,7 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     cuda = torch.cuda.is_available()
     rows = {r["row"]: r for r in results["training"]}
     assert list(rows) == ["peer", "lorafit-peer", "lorafit", "qlora-4bit", "qlora-8bit"]
-    skipped = bench.qlora_unavailable()
+    skipped = bench.qlora_unavailable("4bit")
     ran = ["peer", "lorafit-peer", "lorafit"] + (["qlora-4bit", "qlora-8bit"] if skipped is None else [])
     for name in ran:
         r = rows[name]
@@ -51,7 +51,9 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
         assert (r["peak_gpu_gb"] is None) == (not cuda)  # GPU memory only where there is a GPU
     if skipped is not None:
         assert rows["qlora-4bit"] == {"row": "qlora-4bit", "note": skipped}
-        assert f"| qlora-8bit | – | – | – | – | – | {skipped} |" in (tmp_path / "results.md").read_text()
+        skipped_8bit = bench.qlora_unavailable("8bit")  # each row gives its own mode's reason
+        assert "quantize=8bit" in skipped_8bit and "quantize=4bit" not in skipped_8bit
+        assert f"| qlora-8bit | – | – | – | – | – | {skipped_8bit} |" in (tmp_path / "results.md").read_text()
     assert rows["peer"]["train_samples"] == rows["lorafit-peer"]["train_samples"] == 64  # the same rows
     recorded = yaml.safe_load((Path(rows["lorafit-peer"]["run"]) / "config.yaml").read_text())
     assert recorded["model"]["pooling"] == "cls" and recorded["model"]["target_modules"] == ["query", "value"]
