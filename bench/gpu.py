@@ -19,6 +19,13 @@ Inference (texts/s from raw text, the test texts repeated to --predict-texts):
   lorafit-cli      python -m lorafit.cli predict RUN -i FILE -o FILE --device cuda (wall time: process start and
                    model load included; GPU runs only)
 
+Where the time goes (after the timed rows, under torch's profiler; --profile-steps 0 leaves it out):
+  train lorafit-peer / train lorafit   the recipe's own train_step, --profile-steps steps after a real setup()
+  predict          lorafit.load(row b)'s stages apart: tokenizing --profile-texts texts, then the model over them
+Each gives, per step or batch: wall ms, GPU busy ms (the union of kernel and copy intervals) and its share of the
+wall time, host syncs, kernel launches and copies from pageable memory; the top ops go to profile.txt and the whole
+profile to trace-*.json.gz (ui.perfetto.dev). A busy share far under 1 means the GPU waits for the host.
+
 MFU (model-FLOPs utilisation): 4 * N * tokens / train seconds / peak, where N is the weights of the encoder blocks'
 linear layers, tokens the training rows' tokens (truncated, no padding) times the rows trained, and 4 = 2 forward
 + 2 backward (input gradients only: the frozen weights get no weight gradients); attention scores, LoRA and head
@@ -43,7 +50,8 @@ from typing import Any, Callable, Optional
 from common import cpu_name, report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# TOKENIZERS_PARALLELISM is left as a user's process has it (parallel: the fast tokenizer encodes a list on every
+# core), except in the peer's process, whose DataLoader workers fork after tokenizing (main)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -74,6 +82,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--predict-batch-size", type=int, default=256)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     p.add_argument("--only", default=None, help=f"comma-separated training rows to run ({','.join(TRAIN_ROWS)})")
+    p.add_argument("--profile-steps", type=int, default=20, help="training steps under the profiler (0: no "
+                   "profile); the inference profile takes --profile-texts")
+    p.add_argument("--profile-texts", type=int, default=4096, help="texts in the inference profile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer-only", default=None, help=argparse.SUPPRESS)  # internal: row a in its own process
     args = p.parse_args(argv)
@@ -85,6 +96,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.batch_size = min(args.batch_size, 16)
         args.predict_texts = min(args.predict_texts, 64)
         args.predict_batch_size = min(args.predict_batch_size, 32)
+        args.profile_steps = min(args.profile_steps, 4)
+        args.profile_texts = min(args.profile_texts, 64)
         args.workers = 0
     return args
 
@@ -363,6 +376,122 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+# --- where the time goes ------------------------------------------------------------------------------------
+# CUDA runtime calls that make the host wait for the GPU, and those that launch work on it
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_summary(prof, wall_s: float, units: int) -> dict[str, Any]:
+    """Per unit (a training step, a batch of texts) under the profiler: wall ms; GPU busy ms, the union of the
+    device's kernel and copy intervals (a busy share far under 1 means the GPU waits for the host); host syncs and
+    kernel launches (CUDA runtime calls); copies from pageable host memory (each one blocks the host)."""
+    from torch.autograd import DeviceType
+
+    calls = {e.key: e.count for e in prof.key_averages()}
+    device = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                    if e.device_type == DeviceType.CUDA)
+    busy_us, reached = 0.0, float("-inf")
+    for start, end, _ in device:
+        if end > reached:
+            busy_us += end - max(start, reached)
+            reached = end
+    per = max(units, 1)
+    cuda = bool(device)
+    return {"units": units, "wall_ms": round(wall_s * 1000 / per, 2),
+            "gpu_busy_ms": round(busy_us / 1000 / per, 2) if cuda else None,
+            "gpu_busy_share": round(busy_us / (wall_s * 1e6), 3) if cuda and wall_s > 0 else None,
+            "syncs": round(sum(calls.get(k, 0) for k in SYNC_CALLS) / per, 2),
+            "launches": round(sum(calls.get(k, 0) for k in LAUNCH_CALLS) / per, 2),
+            "pageable_copies": round(sum("Pageable" in name for _, _, name in device) / per, 2),
+            "top_ops": prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                 row_limit=15, max_name_column_width=70)}
+
+
+def save_trace(prof, path: Path) -> None:
+    """The profile as a gzipped Chrome trace (chrome://tracing or ui.perfetto.dev open it as it is)."""
+    import gzip
+    import shutil
+
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+
+
+def _profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+
+
+def profile_training(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
+    """The recipe's own train_step (as bench/train_step.py times it) for a training row's config, after a real
+    setup() and --profile-steps // 2 warm-up steps, under the profiler."""
+    import itertools
+
+    import torch
+    from rich.console import Console
+
+    from lorafit.config import Config
+    from lorafit.train import recipe_for
+
+    overrides = {**lorafit_overrides(row, args, model_dir, data, out), "run_name": f"profile-{row}"}
+    recipe = recipe_for(Config().with_overrides(overrides), console=Console(quiet=True), evaluate_test=False)
+    recipe.setup()
+    try:
+        recipe.model.train()
+        batches = itertools.cycle(list(recipe.loader))  # more steps than an epoch has go round again
+        with torch.enable_grad():
+            for batch in itertools.islice(batches, max(args.profile_steps // 2, 1)):
+                recipe.train_step(batch, sync=True)
+            _sync()
+            with _profiler() as prof:
+                t0 = time.perf_counter()
+                for batch in itertools.islice(batches, args.profile_steps):
+                    recipe.train_step(batch, sync=True)
+                _sync()
+                wall = time.perf_counter() - t0
+    finally:
+        recipe.cleanup.close()
+    save_trace(prof, out / f"trace-train-{row}.json.gz")
+    return {"part": f"train {row}", "per": "step", **profile_summary(prof, wall, args.profile_steps)}
+
+
+def profile_inference(run: str, texts: list[str], batch_size: int, out: Path) -> dict[str, Any]:
+    """lorafit.load(...).predict's two stages apart: tokenizing the texts (data.encode), then the model over them
+    (the backend's logits, under the profiler); and the whole decision_function for comparison."""
+    import torch
+
+    import lorafit
+    from lorafit.data import encode, pad_token_id
+
+    cuda = torch.cuda.is_available()
+    clf = lorafit.load(run, device="cuda" if cuda else "cpu", batch_size=batch_size,
+                       precision="bf16" if cuda else "fp32", backend="torch")
+    clf.predict(texts[:batch_size])  # warm-up
+    t0 = time.perf_counter()
+    enc = encode(clf.tokenizer, texts, clf.max_length)
+    tokenize_s = time.perf_counter() - t0
+    _sync()
+    with _profiler() as prof:
+        t0 = time.perf_counter()
+        clf.backend.logits(enc, clf.batch_size, pad_token_id(clf.tokenizer))
+        _sync()
+        model_s = time.perf_counter() - t0
+    save_trace(prof, out / "trace-predict.json.gz")
+    t0 = time.perf_counter()
+    clf.decision_function(texts)
+    _sync()
+    total_s = time.perf_counter() - t0
+    batches = -(-len(texts) // clf.batch_size)
+    return {"part": f"predict {len(texts)} texts", "per": f"batch of {clf.batch_size}",
+            "tokenize_s": round(tokenize_s, 3), "model_s": round(model_s, 3), "total_s": round(total_s, 3),
+            **profile_summary(prof, model_s, batches)}
+
+
 # --- the table -----------------------------------------------------------------------------------------------
 def _cell(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
@@ -386,6 +515,17 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["inference"]:
         lines.append(f"| {r['contender']} | {_cell(r.get('texts_per_s'), '.1f')} | "
                      f"{r.get('error') or r.get('note') or ''} |")
+    if results.get("profile"):
+        lines += ["", "Where the time goes, under the profiler (per step or batch; top ops in profile.txt):", "",
+                  "| part | per | wall ms | GPU busy ms | GPU busy | syncs | launches | pageable copies | note |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in results["profile"]:
+            note = r.get("error") or (f"tokenize {r['tokenize_s']:.2f} s, model {r['model_s']:.2f} s, whole "
+                                      f"predict {r['total_s']:.2f} s" if "tokenize_s" in r else "")
+            lines.append(f"| {r['part']} | {r.get('per', '–')} | {_cell(r.get('wall_ms'), '.2f')} | "
+                         f"{_cell(r.get('gpu_busy_ms'), '.2f')} | {_cell(r.get('gpu_busy_share'), '.0%')} | "
+                         f"{_cell(r.get('syncs'), '.1f')} | {_cell(r.get('launches'), '.0f')} | "
+                         f"{_cell(r.get('pageable_copies'), '.1f')} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -399,6 +539,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.peer_only:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its loader workers fork: no forked Rust pool
         data = json.loads((out / "data" / "info.json").read_text(encoding="utf-8"))
         _reset_peak()
         result = run_peer(args, Path(args.peer_only), data, out)
@@ -443,17 +584,40 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if torch.cuda.is_available():
             inference.append({"contender": "lorafit-cli", "note": "wall time: process start and load included",
                               **_rate(lambda: time_lorafit_cli(run, texts, out))})
+    profiles = []
+    if args.profile_steps:  # after the timed rows, so that the profiler's cost stays out of them
+        for row in ("lorafit-peer", "lorafit"):
+            if row in wanted:
+                profiles.append(_profiled(f"train {row}", lambda row=row: profile_training(
+                    row, args, model_dir, data, out)))
+        if "run" in by_row.get("lorafit-peer", {}):
+            profiles.append(_profiled("predict", lambda: profile_inference(
+                by_row["lorafit-peer"]["run"], texts[:args.profile_texts], args.predict_batch_size, out)))
     results = {"device": device_name(), "model": model_dir.name, "block_params": block_params,
                "train_rows": data["train_rows"], "test_rows": data["test_rows"], "epochs": args.epochs,
                "batch_size": args.batch_size, "max_length": args.max_length, "mean_tokens": tokens,
                "peak_tflops": args.peak_tflops, "predict_texts": len(texts),
                "predict_batch_size": args.predict_batch_size, "tiny": args.tiny,
-               "versions": _versions(), "training": training, "inference": inference}
+               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (parallel)"),
+               "versions": _versions(), "training": training, "inference": inference,
+               "profile": [{k: v for k, v in p.items() if k != "top_ops"} for p in profiles]}
     table = markdown(results)
+    (out / "profile.txt").write_text("".join(f"## {p['part']} (per {p.get('per', '?')})\n{p.get('top_ops') or p.get('error')}\n\n"
+                                             for p in profiles), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     (out / "results.md").write_text(table, encoding="utf-8")
     print(table, flush=True)
     return results
+
+
+def _profiled(part: str, measure: Callable[[], dict]) -> dict[str, Any]:
+    """A profile that fails is a line in the table, not the end of the session's run."""
+    from lorafit.errors import describe
+
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - recorded in the table
+        return {"part": part, "error": describe(exc)[:300]}
 
 
 def _rate(measure: Callable[[], float]) -> dict[str, Any]:

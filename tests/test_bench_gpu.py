@@ -3,6 +3,7 @@ say why they are skipped; lorafit's peer-recipe row trains with the peer's recip
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -65,3 +66,55 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith(f"GPU: {bench.device_name()}\n")
     assert json.loads((tmp_path / "results.json").read_text())["block_params"] == 2 * (4 * 64 * 64 + 2 * 64 * 128)
+    # where the time goes: the recipe's steps for both lorafit rows and the two stages of prediction, profiled
+    profile = {r["part"]: r for r in results["profile"]}
+    assert list(profile) == ["train lorafit-peer", "train lorafit", "predict 64 texts"], results["profile"]
+    for part in profile.values():
+        assert "error" not in part, part
+        assert part["wall_ms"] > 0 and part["syncs"] >= 0 and part["launches"] >= 0
+        assert (part["gpu_busy_share"] is None) == (not cuda)  # device intervals only where there is a device
+    assert profile["train lorafit-peer"]["units"] == 4 and profile["predict 64 texts"]["per"] == "batch of 32"
+    assert 0 < profile["predict 64 texts"]["tokenize_s"] < profile["predict 64 texts"]["total_s"]
+    assert "| train lorafit | step |" in table
+    top = (tmp_path / "profile.txt").read_text()
+    assert "## train lorafit-peer (per step)" in top and "aten::mm" in top  # the profiler's own op table
+    for trace in ("trace-train-lorafit-peer", "trace-train-lorafit", "trace-predict"):
+        assert "traceEvents" in json.loads(gzip.decompress((tmp_path / f"{trace}.json.gz").read_bytes()))
+
+
+def test_gpu_busy_time_is_the_union_of_the_device_intervals(load_bench):
+    """Overlapping kernels (two streams) count once; the gaps between them are the GPU waiting."""
+    from torch.autograd import DeviceType
+
+    bench = load_bench("gpu")
+
+    class Interval:
+        def __init__(self, start, end):
+            self.start, self.end = start, end
+
+    class Event:
+        def __init__(self, name, start, end, device_type=DeviceType.CUDA):
+            self.name, self.time_range, self.device_type = name, Interval(start, end), device_type
+
+    class Average:
+        def __init__(self, key, count):
+            self.key, self.count = key, count
+
+    class Averages(list):
+        def table(self, **kwargs):
+            return "the op table"
+
+    class Profile:
+        def events(self):
+            return [Event("gemm", 0, 400), Event("gemm", 300, 500),
+                    Event("Memcpy HtoD (Pageable -> Device)", 900, 1000), Event("aten::mm", 0, 2000, DeviceType.CPU)]
+
+        def key_averages(self):
+            return Averages([Average("cudaLaunchKernel", 4), Average("cudaStreamSynchronize", 2),
+                             Average("aten::mm", 4)])
+
+    summary = bench.profile_summary(Profile(), wall_s=0.002, units=2)
+    # busy 0-500 and 900-1000 us: 600 us of 2,000, i.e. 0.3 ms a step over 2 steps
+    assert summary["gpu_busy_ms"] == 0.3 and summary["gpu_busy_share"] == 0.3
+    assert summary["syncs"] == 1 and summary["launches"] == 2 and summary["pageable_copies"] == 0.5
+    assert summary["wall_ms"] == 1.0 and summary["top_ops"] == "the op table"
