@@ -60,7 +60,7 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     assert recorded["model"]["pooling"] == "cls" and recorded["model"]["target_modules"] == ["query", "value"]
     assert recorded["model"]["lora_layers"] is None and recorded["model"]["lora_dropout"] == 0.1
     assert recorded["model"]["tfidf_weight"] == 0 and recorded["train"]["head_learning_rate"] is None
-    contenders = ["pipeline", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
+    contenders = ["pipeline", "hand-loop", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
     assert [(r["contender"], r.get("texts_per_s", 0) > 0) for r in results["inference"]] == [
         (c, True) for c in contenders]
     table = (tmp_path / "results.md").read_text()
@@ -118,3 +118,27 @@ def test_gpu_busy_time_is_the_union_of_the_device_intervals(load_bench):
     assert summary["gpu_busy_ms"] == 0.3 and summary["gpu_busy_share"] == 0.3
     assert summary["syncs"] == 1 and summary["launches"] == 2 and summary["pageable_copies"] == 0.5
     assert summary["wall_ms"] == 1.0 and summary["top_ops"] == "the op table"
+
+
+def test_the_hand_loop_gives_the_models_own_labels(load_bench, tmp_path):
+    """The hand-written inference contender sorts, pads and scatters back: its labels are the plain forward's."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    bench = load_bench("gpu")
+    tokenizer_dir = bench.tokenizer_dir(None)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    # large random weights, so that the texts get different labels and a row put back in the wrong place shows
+    config = BertConfig(vocab_size=len(tok), num_labels=4, initializer_range=1.0, **bench.TINY_SHAPE)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    texts = ["short", "a somewhat longer text about markets", "sports " * 30, "science and technology news", "x",
+             "the central bank raised rates again", "goal in the last minute", "new chip announced"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():  # one text at a time: no padding at all
+        expected = [int(model(**tok([t], truncation=True, max_length=16, return_tensors="pt")).logits.argmax(-1))
+                    for t in texts]
+    assert len(set(expected)) >= 3
+    labels = bench.hand_loop(str(tmp_path), batch_size=3, max_length=16)(texts)
+    assert labels.tolist() == expected
