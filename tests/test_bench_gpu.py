@@ -39,7 +39,8 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     import torch
 
     bench = load_bench("gpu")
-    results = bench.main(["--tiny", "--out", str(tmp_path)])
+    report = tmp_path / "report"  # the GPU command's $OUT: only what comes back goes there
+    results = bench.main(["--tiny", "--out", str(tmp_path / "work"), "--report-dir", str(report)])
     cuda = torch.cuda.is_available()
     rows = {r["row"]: r for r in results["training"]}
     assert list(rows) == ["peer", "lorafit-peer", "lorafit", "qlora-4bit", "qlora-8bit"]
@@ -54,7 +55,7 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
         assert rows["qlora-4bit"] == {"row": "qlora-4bit", "note": skipped}
         skipped_8bit = bench.qlora_unavailable("8bit")  # each row gives its own mode's reason
         assert "quantize=8bit" in skipped_8bit and "quantize=4bit" not in skipped_8bit
-        assert f"| qlora-8bit | – | – | – | – | – | {skipped_8bit} |" in (tmp_path / "results.md").read_text()
+        assert f"| qlora-8bit | – | – | – | – | – | {skipped_8bit} |" in (report / "results.md").read_text()
     assert rows["peer"]["train_samples"] == rows["lorafit-peer"]["train_samples"] == 64  # the same rows
     recorded = yaml.safe_load((Path(rows["lorafit-peer"]["run"]) / "config.yaml").read_text())
     assert recorded["model"]["pooling"] == "cls" and recorded["model"]["target_modules"] == ["query", "value"]
@@ -63,9 +64,9 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     contenders = ["pipeline", "hand-loop", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
     assert [(r["contender"], r.get("texts_per_s", 0) > 0) for r in results["inference"]] == [
         (c, True) for c in contenders]
-    table = (tmp_path / "results.md").read_text()
+    table = (report / "results.md").read_text()
     assert table.startswith(f"GPU: {bench.device_name()}\n")
-    assert json.loads((tmp_path / "results.json").read_text())["block_params"] == 2 * (4 * 64 * 64 + 2 * 64 * 128)
+    assert json.loads((report / "results.json").read_text())["block_params"] == 2 * (4 * 64 * 64 + 2 * 64 * 128)
     # where the time goes: the recipe's steps for both lorafit rows and the two stages of prediction, profiled
     profile = {r["part"]: r for r in results["profile"]}
     assert list(profile) == ["train lorafit-peer", "train lorafit", "predict 64 texts"], results["profile"]
@@ -76,10 +77,33 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     assert profile["train lorafit-peer"]["units"] == 4 and profile["predict 64 texts"]["per"] == "batch of 32"
     assert 0 < profile["predict 64 texts"]["tokenize_s"] < profile["predict 64 texts"]["total_s"]
     assert "| train lorafit | step |" in table
-    top = (tmp_path / "profile.txt").read_text()
+    top = (report / "profile.txt").read_text()
     assert "## train lorafit-peer (per step)" in top and "aten::mm" in top  # the profiler's own op table
     for trace in ("trace-train-lorafit-peer", "trace-train-lorafit", "trace-predict"):
-        assert "traceEvents" in json.loads(gzip.decompress((tmp_path / f"{trace}.json.gz").read_bytes()))
+        assert "traceEvents" in json.loads(gzip.decompress((report / f"{trace}.json.gz").read_bytes()))
+    assert sorted(p.name for p in report.iterdir()) == [
+        "profile.txt", "results.json", "results.md", "trace-predict.json.gz", "trace-train-lorafit-peer.json.gz",
+        "trace-train-lorafit.json.gz"]  # within the device tool's 8 files, with the log
+
+
+def test_a_run_stopped_midway_keeps_the_rows_it_measured(load_bench, tmp_path, monkeypatch):
+    """The device's time limit kills the run where it is: every finished row is already in results.md/.json."""
+    bench = load_bench("gpu")
+    measured = bench.run_lorafit
+
+    def stopped_at_the_second_row(row, *args):
+        if row == "lorafit":
+            raise KeyboardInterrupt  # what the time limit's signal does to the run
+        return measured(row, *args)
+
+    monkeypatch.setattr(bench, "run_lorafit", stopped_at_the_second_row)
+    report = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--out", str(tmp_path / "work"), "--report-dir", str(report),
+                    "--only", "lorafit-peer,lorafit"])
+    saved = json.loads((report / "results.json").read_text())
+    assert [r["row"] for r in saved["training"]] == ["lorafit-peer"] and saved["training"][0]["samples_per_s"] > 0
+    assert "| lorafit-peer | " in (report / "results.md").read_text()
 
 
 def test_gpu_busy_time_is_the_union_of_the_device_intervals(load_bench):
