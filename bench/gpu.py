@@ -319,6 +319,18 @@ def predict_texts(test_texts: list[str], n: int) -> list[str]:
     return (test_texts * (n // max(len(test_texts), 1) + 1))[:n]
 
 
+def texts_per_s(classify: Callable[[list[str]], Any], texts: list[str], batch_size: int) -> float:
+    """Raw text to labels: one batch first (kernels, allocator, lazy loading), then the whole list, timed between
+    two device syncs."""
+    classify(texts[:batch_size])
+    _sync()
+    t0 = time.perf_counter()
+    out = classify(texts)
+    _sync()
+    assert len(out) == len(texts)
+    return len(texts) / (time.perf_counter() - t0)
+
+
 def time_pipeline(model_dir: str, texts: list[str], batch_size: int, max_length: int) -> float:
     import torch
     from transformers import pipeline
@@ -326,14 +338,8 @@ def time_pipeline(model_dir: str, texts: list[str], batch_size: int, max_length:
     cuda = torch.cuda.is_available()
     clf = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=0 if cuda else -1,
                    dtype=torch.bfloat16 if cuda else torch.float32)
-    kwargs = {"batch_size": batch_size, "truncation": True, "max_length": max_length}
-    clf(texts[:batch_size], **kwargs)  # warm-up: kernels, allocator
-    _sync()
-    t0 = time.perf_counter()
-    out = clf(texts, **kwargs)
-    _sync()
-    assert len(out) == len(texts)
-    return len(texts) / (time.perf_counter() - t0)
+    return texts_per_s(lambda batch: clf(batch, batch_size=batch_size, truncation=True, max_length=max_length),
+                       texts, batch_size)
 
 
 def hand_loop(model_dir: str, batch_size: int, max_length: int) -> Callable[[list[str]], Any]:
@@ -369,31 +375,22 @@ def hand_loop(model_dir: str, batch_size: int, max_length: int) -> Callable[[lis
 
 
 def time_hand_loop(model_dir: str, texts: list[str], batch_size: int, max_length: int) -> float:
-    classify = hand_loop(model_dir, batch_size, max_length)
-    classify(texts[:batch_size])  # warm-up
-    _sync()
-    t0 = time.perf_counter()
-    out = classify(texts)
-    _sync()
-    assert len(out) == len(texts)
-    return len(texts) / (time.perf_counter() - t0)
+    return texts_per_s(hand_loop(model_dir, batch_size, max_length), texts, batch_size)
 
 
-def time_lorafit_api(run: str, texts: list[str], batch_size: int) -> float:
+def lorafit_classifier(run: str, batch_size: int):
+    """lorafit.load as a GPU user calls it (bf16 on a GPU; fp32 on a CPU), with the torch backend."""
     import torch
 
     import lorafit
 
     cuda = torch.cuda.is_available()
-    clf = lorafit.load(run, device="cuda" if cuda else "cpu", batch_size=batch_size,
-                       precision="bf16" if cuda else "fp32", backend="torch")
-    clf.predict(texts[:batch_size])  # warm-up
-    _sync()
-    t0 = time.perf_counter()
-    out = clf.predict(texts)
-    _sync()
-    assert len(out) == len(texts)
-    return len(texts) / (time.perf_counter() - t0)
+    return lorafit.load(run, device="cuda" if cuda else "cpu", batch_size=batch_size,
+                        precision="bf16" if cuda else "fp32", backend="torch")
+
+
+def time_lorafit_api(run: str, texts: list[str], batch_size: int) -> float:
+    return texts_per_s(lorafit_classifier(run, batch_size).predict, texts, batch_size)
 
 
 def predict_cli_command(run: str, infile: Path, outfile: Path, device: str = "cuda") -> list[str]:
@@ -510,14 +507,9 @@ def profile_training(row: str, args, model_dir: Path, data: dict, out: Path, rep
 def profile_inference(run: str, texts: list[str], batch_size: int, report: Path) -> dict[str, Any]:
     """lorafit.load(...).predict's two stages apart: tokenizing the texts (data.encode), then the model over them
     (the backend's logits, under the profiler); and the whole decision_function for comparison."""
-    import torch
-
-    import lorafit
     from lorafit.data import encode, pad_token_id
 
-    cuda = torch.cuda.is_available()
-    clf = lorafit.load(run, device="cuda" if cuda else "cpu", batch_size=batch_size,
-                       precision="bf16" if cuda else "fp32", backend="torch")
+    clf = lorafit_classifier(run, batch_size)
     clf.predict(texts[:batch_size])  # warm-up
     t0 = time.perf_counter()
     enc = encode(clf.tokenizer, texts, clf.max_length)
