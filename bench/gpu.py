@@ -512,7 +512,7 @@ def profile_inference(run: str, texts: list[str], batch_size: int, report: Path)
     clf = lorafit_classifier(run, batch_size)
     clf.predict(texts[:batch_size])  # warm-up
     t0 = time.perf_counter()
-    enc = encode(clf.tokenizer, texts, clf.max_length)
+    enc = encode(clf.tokenizer, texts, clf.max_length, full_lengths=False)  # as predict tokenizes
     tokenize_s = time.perf_counter() - t0
     _sync()
     with _profiler() as prof:

@@ -158,7 +158,7 @@ def main() -> None:
 
     ref_clf = lorafit.load(run_dir, backend="torch")
     model_config = ref_clf.model.config
-    enc = encode(ref_clf.tokenizer, texts, ref_clf.max_length)
+    enc = encode(ref_clf.tokenizer, texts, ref_clf.max_length, full_lengths=False)
     mean_tokens = float(np.mean([len(x) for x in enc.input_ids]))
     per_text = gflop_per_text(model_config, [len(x) for x in enc.input_ids])
     peaks = peak_gflops(model_config.hidden_size, intermediate_size(model_config), rows=16 * max(1, round(mean_tokens)))

@@ -117,3 +117,27 @@ def test_length_grouped_batches_cover_every_row_once_and_reduce_padding():
     assert padding(list(grouped)) < 1.1 < padding(list(plain))
     grouped.set_epoch(1)
     assert list(grouped) != list(LengthGroupedBatches(lengths, 16, seed=0))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_inference_tokenizes_once_and_gets_the_training_ids(tiny_model_dir, family):
+    """encode(full_lengths=False), what prediction and the distillation teacher use: one truncating pass, the same
+    token ids as training's two-pass encoding (which also counts the untruncated lengths)."""
+    from lorafit.data import encode
+    from lorafit.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir(family)))
+    texts = ["short one", "stocks rose " * 40, "", "a goal in the last minute of the match " * 5, "x"]
+    calls = []
+
+    def counted(batch, **kwargs):
+        calls.append(len(batch))
+        return tokenizer(batch, **kwargs)
+
+    training = encode(counted, texts, 16)
+    assert calls == [5, 2] and training.full_lengths.max() > 16  # the long texts again, truncated
+    calls.clear()
+    inference = encode(counted, texts, 16, full_lengths=False)
+    assert calls == [5] and inference.full_lengths is None
+    assert inference.input_ids == training.input_ids and max(len(ids) for ids in inference.input_ids) == 16
+    assert inference.labels.tolist() == [-1] * 5

@@ -208,3 +208,21 @@ def test_bf16_backend_runs(tiny_run, labelled):
     ref = lorafit.load(tiny_run, backend="torch")
     agree = (clf.predict(labelled[0]) == ref.predict(labelled[0])).mean()
     assert agree > 0.8
+
+
+def test_prediction_tokenizes_each_text_once(tiny_run):
+    """Long texts too: prediction needs no untruncated lengths, so it makes one truncating pass (data.encode)."""
+    clf = lorafit.load(tiny_run, backend="torch")
+    texts = [SAMPLE_TEXTS[0] * 40, SAMPLE_TEXTS[1]]  # the first is far longer than the run's max_length
+    tokenizer, calls = clf.tokenizer, []
+
+    class Counted:
+        def __call__(self, batch, **kwargs):
+            calls.append(len(batch))
+            return tokenizer(batch, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    clf.tokenizer = Counted()
+    assert clf.predict_proba(texts).shape == (2, len(clf.classes_)) and calls == [2]

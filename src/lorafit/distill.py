@@ -153,7 +153,7 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
         if console is not None:
             console.print(f"teacher {teacher}: computing its logits on {len(texts)} texts ({clf.backend.name}), once")
         start = time.perf_counter()
-        enc = encode(clf.tokenizer, texts, clf.max_length)
+        enc = encode(clf.tokenizer, texts, clf.max_length, full_lengths=False)
         logits = clf.backend.logits(enc, batch_size, pad_token_id(clf.tokenizer))
         seconds = time.perf_counter() - start
         found = {"logits": logits.astype(np.float32), "backend": clf.backend.name,
@@ -346,7 +346,7 @@ def student_speed(run_dir: Path, texts: list[str], batch_size: int = 64) -> dict
     from .predict import load
 
     clf = load(run_dir, backend="torch", batch_size=batch_size)
-    enc = encode(clf.tokenizer, texts, clf.max_length)
+    enc = encode(clf.tokenizer, texts, clf.max_length, full_lengths=False)
     start = time.perf_counter()
     clf.backend.logits(enc, batch_size, pad_token_id(clf.tokenizer))
     seconds = time.perf_counter() - start

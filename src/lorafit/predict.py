@@ -109,7 +109,7 @@ class Classifier:
         texts = self._texts(texts, allow_blank)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        enc = encode(self.tokenizer, texts, self.max_length)
+        enc = encode(self.tokenizer, texts, self.max_length, full_lengths=False)
         logits = self.backend.logits(enc, self.batch_size, pad_token_id(self.tokenizer))
         return self.tfidf.blend(logits, texts) if self.tfidf is not None else logits
 
