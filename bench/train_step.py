@@ -18,6 +18,11 @@ paths, each applied by forward_pass.apply() (or, for the optimizer, by the recip
 
     python bench/train_step.py                 # all variants, 150 steps each (about 6 min on 2 cores)
     python bench/train_step.py --steps 60 --only default,torch-dropout
+    python bench/train_step.py --host-reads    # where a step reads a tensor's value on the host (a sync on a GPU)
+
+--host-reads traces the default recipe's steps for the aten ops that bring a value to the host (`.item()`, a
+tensor in an `if`, `nonzero`) and prints each place that asks, by its nearest frame outside torch. On a CPU every
+tensor is on the host, so reads of the batch's host copy show too; on a GPU only reads of device tensors sync.
 """
 
 from __future__ import annotations
@@ -89,14 +94,62 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
             "precision": recipe.precision, "frozen": plan["frozen_weights"]}
 
 
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select"}
+
+
+def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
+    """Places in the default recipe's train_step that read a tensor's value on the host, as (file:line function,
+    the line's code), with their count per step."""
+    import collections
+    import traceback
+
+    import torch
+    from rich.console import Console
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lorafit.config import Config
+    from lorafit.train import recipe_for
+
+    found: collections.Counter = collections.Counter()
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.split("::")[-1] in HOST_READS:
+                asker = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+                where = asker.filename.split("site-packages/")[-1].split("/src/")[-1]
+                found[(f"{where}:{asker.lineno} {asker.name}", (asker.line or "").strip())] += 1
+            return func(*args, **(kwargs or {}))
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = Config().with_overrides({"max_train_samples": rows, "output_dir": out, "run_name": "host-reads",
+                                       "report_to": ["none"]})
+        recipe = recipe_for(cfg, console=Console(quiet=True), evaluate_test=False)
+        recipe.setup()
+        recipe.model.train()
+        batches = itertools.cycle(list(recipe.loader))
+        with torch.enable_grad():
+            recipe.train_step(next(batches), sync=True)  # the first step's one-off work stays out
+            with Reads():
+                for batch in itertools.islice(batches, steps):
+                    recipe.train_step(batch, sync=True)
+        recipe.cleanup.close()
+    return {place: n / steps for place, n in found.most_common()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (kernel caches, allocator)")
     ap.add_argument("--rows", type=int, default=1600, help="training rows to cache and cycle through")
     ap.add_argument("--only", default=None, help="comma-separated variants")
+    ap.add_argument("--host-reads", action="store_true", help="list where a step reads a tensor's value on the host")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = ap.parse_args()
+    if args.host_reads:
+        print(cpu_summary(), flush=True)
+        for (place, code), per_step in host_reads(min(args.steps, 20), args.rows).items():
+            print(f"{per_step:5.1f} per step  {place}\n                {code}")
+        return
     if args.variant:
         report_result(run_variant(args.variant, args.steps, args.warmup, args.rows))
         return
