@@ -20,8 +20,9 @@ paths, each applied by forward_pass.apply() (or, for the optimizer, by the recip
     python bench/train_step.py --steps 60 --only default,torch-dropout
     python bench/train_step.py --host-reads    # where a step reads a tensor's value on the host (a sync on a GPU)
 
---host-reads traces the default recipe's steps for the aten ops that bring a value to the host (`.item()`, a
-tensor in an `if`, `nonzero`) and prints each place that asks, by its nearest frame outside torch. On a CPU every
+--host-reads traces the default recipe's steps for the tensor methods called from Python that bring a value to the
+host (`.item()`, a tensor in an `if`, `int(t)`, `.cpu()`, `nonzero`) and prints each place that asks, by its nearest
+frame outside torch. On a CPU every
 tensor is on the host, so reads of the batch's host copy show too; on a GPU only reads of device tensors sync.
 """
 
@@ -94,7 +95,8 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
             "precision": recipe.precision, "frozen": plan["frozen_weights"]}
 
 
-HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select"}
+# the tensor methods that bring a value to the host: on a GPU each one waits for the GPU to catch up
+HOST_READS = {"item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__", "__index__"}
 
 
 def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
@@ -105,16 +107,16 @@ def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
 
     import torch
     from rich.console import Console
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.overrides import TorchFunctionMode
 
     from lorafit.config import Config
     from lorafit.train import recipe_for
 
     found: collections.Counter = collections.Counter()
 
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name.split("::")[-1] in HOST_READS:
+    class Reads(TorchFunctionMode):  # sees every torch call made from Python, the model's code too
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) in HOST_READS:
                 asker = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
                 where = asker.filename.split("site-packages/")[-1].split("/src/")[-1]
                 found[(f"{where}:{asker.lineno} {asker.name}", (asker.line or "").strip())] += 1
