@@ -473,12 +473,11 @@ def encode(tokenizer, texts: Sequence[str], max_length: int, labels: Optional[np
     max_length; inference passes False and tokenizes each text once (about twice as fast on long texts)."""
     from transformers.utils import logging as hf_logging
 
+    labels = np.full(len(texts), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if len(texts) == 0:  # an empty split (--validation-size 0); tokenizers fail on an empty batch
-        return Encoded([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64) if full_lengths else None)
+        return Encoded([], labels, np.zeros(0, dtype=np.int64) if full_lengths else None)
     if not full_lengths:
-        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        return Encoded(ids, np.full(len(ids), -1, dtype=np.int64) if labels is None
-                       else np.asarray(labels, dtype=np.int64), None)
+        return Encoded(tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"], labels, None)
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "sequence longer than model max" is expected: we truncate below
@@ -492,9 +491,7 @@ def encode(tokenizer, texts: Sequence[str], max_length: int, labels: Optional[np
         cut = tokenizer([texts[i] for i in long_idx], truncation=True, max_length=max_length)["input_ids"]
         for i, ids in zip(long_idx, cut):
             full[i] = ids
-    if labels is None:
-        labels = np.full(len(full), -1, dtype=np.int64)
-    return Encoded(full, np.asarray(labels, dtype=np.int64), lengths)
+    return Encoded(full, labels, lengths)
 
 
 def filter_by_length(enc: Encoded, split: Split, min_tokens: Optional[int], max_tokens: Optional[int]):
