@@ -4,6 +4,7 @@
   process's peak memory.
 - A contender in its own process (so that its memory, threads and imports are its own): the child prints its result
   with report_result, one `RESULT {json}` line; the parent starts it and reads that line with run_child.
+- A recipe to step by hand: stepping_recipe (bench/train_step.py's timings and host reads, bench/gpu.py's profile).
 - Measuring and reporting: best_time (the best of a few timed calls), seed_stats (mean, std, min, max over seeds),
   run_header (date, CPU and command for a results file) and command_line.
 
@@ -17,7 +18,9 @@ Nothing here imports torch or lorafit at module level: importing common costs no
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 RESULT = "RESULT "  # how a child's result line starts
 
@@ -77,6 +80,28 @@ def run_child(cmd: list[str]) -> tuple[Optional[dict], str]:
     if proc.returncode != 0 or line is None:
         return None, (proc.stderr or proc.stdout)[-3000:]
     return json.loads(line[len(RESULT):]), ""
+
+
+# --- a recipe to step by hand ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stepping_recipe(overrides: dict) -> Iterator[tuple[Any, Iterator[dict]]]:
+    """The default recipe with `overrides` (config leaf names), set up (data, model, forward pass) and in training
+    mode, with gradients on: yields it and its training batches, cycled (more steps than an epoch has go round
+    again; every caller sees the same batches in the same order). Undoes the forward pass's changes on exit."""
+    import torch
+    from rich.console import Console
+
+    from lorafit.config import Config
+    from lorafit.train import recipe_for
+
+    recipe = recipe_for(Config().with_overrides(overrides), console=Console(quiet=True), evaluate_test=False)
+    recipe.setup()
+    try:
+        recipe.model.train()
+        with torch.enable_grad():
+            yield recipe, itertools.cycle(list(recipe.loader))
+    finally:
+        recipe.cleanup.close()
 
 
 # --- measuring and reporting ---------------------------------------------------------------------------------

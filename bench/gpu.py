@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import cpu_name, report_result, run_child
+from common import cpu_name, report_result, run_child, stepping_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left as a user's process has it (parallel: the fast tokenizer encodes a list on every
@@ -301,17 +301,24 @@ def qlora_unavailable(quantize: str = "4bit") -> Optional[str]:
     return None
 
 
-def _guarded(row: str, work: Callable[[], dict]) -> dict[str, Any]:
-    """One row's failure is its table cell, not the end of the session (one GPU run has to give every row)."""
+def _recorded(measure: Callable[[], dict]) -> dict[str, Any]:
+    """What `measure` gives, or its error: one failing measurement is a table cell, not the end of the session's
+    run."""
     from lorafit.errors import describe
 
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - recorded in the table and results.json
+        return {"error": describe(exc)[:300]}
+
+
+def _guarded(row: str, work: Callable[[], dict]) -> dict[str, Any]:
+    """A training row: its result and wall time, or its error and the GPU memory reached when it failed."""
     _reset_peak()
     t0 = time.time()
-    try:
-        result = work()
-    except Exception as exc:  # noqa: BLE001 - recorded in the table and results.json
-        return {"row": row, "error": describe(exc)[:300], "peak_gpu_gb": _peak_gb()}
-    return {"row": row, **result, "wall_s": round(time.time() - t0, 1)}
+    result = _recorded(work)
+    extra = {"peak_gpu_gb": _peak_gb()} if "error" in result else {"wall_s": round(time.time() - t0, 1)}
+    return {"row": row, **result, **extra}
 
 
 # --- inference -----------------------------------------------------------------------------------------------
@@ -476,30 +483,17 @@ def profile_training(row: str, args, model_dir: Path, data: dict, out: Path, rep
     setup() and --profile-steps // 2 warm-up steps, under the profiler."""
     import itertools
 
-    import torch
-    from rich.console import Console
-
-    from lorafit.config import Config
-    from lorafit.train import recipe_for
-
     overrides = {**lorafit_overrides(row, args, model_dir, data, out), "run_name": f"profile-{row}"}
-    recipe = recipe_for(Config().with_overrides(overrides), console=Console(quiet=True), evaluate_test=False)
-    recipe.setup()
-    try:
-        recipe.model.train()
-        batches = itertools.cycle(list(recipe.loader))  # more steps than an epoch has go round again
-        with torch.enable_grad():
-            for batch in itertools.islice(batches, max(args.profile_steps // 2, 1)):
+    with stepping_recipe(overrides) as (recipe, batches):
+        for batch in itertools.islice(batches, max(args.profile_steps // 2, 1)):
+            recipe.train_step(batch, sync=True)
+        _sync()
+        with _profiler() as prof:
+            t0 = time.perf_counter()
+            for batch in itertools.islice(batches, args.profile_steps):
                 recipe.train_step(batch, sync=True)
             _sync()
-            with _profiler() as prof:
-                t0 = time.perf_counter()
-                for batch in itertools.islice(batches, args.profile_steps):
-                    recipe.train_step(batch, sync=True)
-                _sync()
-                wall = time.perf_counter() - t0
-    finally:
-        recipe.cleanup.close()
+            wall = time.perf_counter() - t0
     save_trace(prof, report / f"trace-train-{row}.json.gz")
     return {"part": f"train {row}", "per": "step", **profile_summary(prof, wall, args.profile_steps)}
 
@@ -664,22 +658,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def _profiled(part: str, measure: Callable[[], dict]) -> dict[str, Any]:
-    """A profile that fails is a line in the table, not the end of the session's run."""
-    from lorafit.errors import describe
-
-    try:
-        return measure()
-    except Exception as exc:  # noqa: BLE001 - recorded in the table
-        return {"part": part, "error": describe(exc)[:300]}
+    return {"part": part, **_recorded(measure)}
 
 
 def _rate(measure: Callable[[], float]) -> dict[str, Any]:
-    from lorafit.errors import describe
-
-    try:
-        return {"texts_per_s": round(measure(), 1)}
-    except Exception as exc:  # noqa: BLE001 - recorded in the table
-        return {"error": describe(exc)[:300]}
+    return _recorded(lambda: {"texts_per_s": round(measure(), 1)})
 
 
 def _versions() -> dict[str, str]:

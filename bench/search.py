@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_name, report_result, run_child
+from common import report_result, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -166,7 +166,7 @@ def run_peer(args, bf16: bool = False) -> dict:
 def cpu_description() -> str:
     kernels = subprocess.run([sys.executable, str(Path(__file__).with_name("cpu_kernels.py"))], capture_output=True,
                              text=True)
-    return f"{cpu_name()}, {os.cpu_count()} cores\n{kernels.stdout.strip()}"
+    return kernels.stdout.strip()  # its first line is common.cpu_summary: the CPU, its cores, torch's view of it
 
 
 def main() -> None:

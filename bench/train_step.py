@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from common import cpu_summary, report_result, run_child
+from common import cpu_summary, report_result, run_child, stepping_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,18 +56,13 @@ VARIANTS = {
 
 def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
     import torch
-    from rich.console import Console
 
-    from lorafit.config import Config
     from lorafit.forward_pass import fast_dropout
     from lorafit.model import param_groups_of
-    from lorafit.train import recipe_for
 
-    with tempfile.TemporaryDirectory() as out:
-        cfg = Config().with_overrides({"max_train_samples": rows, "output_dir": out, "run_name": name,
-                                       "max_steps": 100_000, "report_to": ["none"], **(VARIANTS[name] or {})})
-        recipe = recipe_for(cfg, console=Console(quiet=True), evaluate_test=False)
-        recipe.setup()
+    with tempfile.TemporaryDirectory() as out, stepping_recipe(
+            {"max_train_samples": rows, "output_dir": out, "run_name": name, "max_steps": 100_000,
+             "report_to": ["none"], **(VARIANTS[name] or {})}) as (recipe, batches):
         plan = recipe.forward.record["speed_paths"]
         applies = {"no-frozen-bf16": plan["frozen_weights"] == "bf16",
                    "no-int8": plan["frozen_weights"] == "int8", "peft-lora": recipe.precision == "fp32"}
@@ -75,22 +70,18 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
             return {"skipped": f"not a path of {recipe.precision} training on this CPU"}
         if name == "no-frozen-bf16":  # autocast casts the fp32 frozen weights at every call, as without the path
             recipe.forward.close()
-            recipe.cleanup.enter_context(fast_dropout(recipe.unwrapped))
+            recipe.cleanup.enter_context(fast_dropout(recipe.unwrapped))  # its new modules are in training mode
         if name == "unfused-adamw":
-            t = cfg.train
-            recipe.optimizer = torch.optim.AdamW(param_groups_of(recipe.unwrapped, cfg), lr=t.learning_rate,
+            t = recipe.cfg.train
+            recipe.optimizer = torch.optim.AdamW(param_groups_of(recipe.unwrapped, recipe.cfg), lr=t.learning_rate,
                                                  weight_decay=t.weight_decay, fused=False)
-        recipe.model.train()
-        batches = itertools.cycle(list(recipe.loader))  # every variant sees the same batches in the same order
-        with torch.enable_grad():
-            for batch in itertools.islice(batches, warmup):
-                recipe.train_step(batch, sync=True)
-            t0, samples = time.perf_counter(), 0
-            for batch in itertools.islice(batches, steps):
-                recipe.train_step(batch, sync=True)
-                samples += len(batch["labels"])
-            elapsed = time.perf_counter() - t0
-        recipe.cleanup.close()
+        for batch in itertools.islice(batches, warmup):
+            recipe.train_step(batch, sync=True)
+        t0, samples = time.perf_counter(), 0
+        for batch in itertools.islice(batches, steps):
+            recipe.train_step(batch, sync=True)
+            samples += len(batch["labels"])
+        elapsed = time.perf_counter() - t0
     return {"samples_per_s": round(samples / elapsed, 1), "ms_per_step": round(elapsed / steps * 1000, 1),
             "precision": recipe.precision, "frozen": plan["frozen_weights"]}
 
@@ -105,12 +96,7 @@ def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
     import collections
     import traceback
 
-    import torch
-    from rich.console import Console
     from torch.overrides import TorchFunctionMode
-
-    from lorafit.config import Config
-    from lorafit.train import recipe_for
 
     found: collections.Counter = collections.Counter()
 
@@ -122,19 +108,13 @@ def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
                 found[(f"{where}:{asker.lineno} {asker.name}", (asker.line or "").strip())] += 1
             return func(*args, **(kwargs or {}))
 
-    with tempfile.TemporaryDirectory() as out:
-        cfg = Config().with_overrides({"max_train_samples": rows, "output_dir": out, "run_name": "host-reads",
-                                       "report_to": ["none"]})
-        recipe = recipe_for(cfg, console=Console(quiet=True), evaluate_test=False)
-        recipe.setup()
-        recipe.model.train()
-        batches = itertools.cycle(list(recipe.loader))
-        with torch.enable_grad():
-            recipe.train_step(next(batches), sync=True)  # the first step's one-off work stays out
-            with Reads():
-                for batch in itertools.islice(batches, steps):
-                    recipe.train_step(batch, sync=True)
-        recipe.cleanup.close()
+    with tempfile.TemporaryDirectory() as out, stepping_recipe(
+            {"max_train_samples": rows, "output_dir": out, "run_name": "host-reads", "report_to": ["none"]}) as (
+            recipe, batches):
+        recipe.train_step(next(batches), sync=True)  # the first step's one-off work stays out
+        with Reads():
+            for batch in itertools.islice(batches, steps):
+                recipe.train_step(batch, sync=True)
     return {place: n / steps for place, n in found.most_common()}
 
 
