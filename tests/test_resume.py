@@ -57,6 +57,11 @@ def assert_same_run(ref: Path, got: Path):
     got_metrics = json.loads((got / "test_metrics.json").read_text())
     assert got_metrics["accuracy"] == ref_metrics["accuracy"]
     assert got_metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5, abs=1e-6)
+    # the blend's record of the best weights' validation accuracy: kept from the evaluation that found them, or
+    # (resumed after it) measured again on the restored weights
+    ref_blend, got_blend = (json.loads((d / "run.json").read_text())["tfidf"] for d in (ref, got))
+    for key in ("validation_accuracy_encoder", "validation_accuracy_blend"):
+        assert got_blend[key] == ref_blend[key], key
     a = load_file(ref / "model" / "adapter_model.safetensors")
     b = load_file(got / "model" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

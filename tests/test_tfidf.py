@@ -100,11 +100,21 @@ def test_unknown_format_or_damaged_files_are_one_clear_error(tmp_path):
         TfidfModel.load(tmp_path, weight=0.3)
 
 
-def test_a_run_fits_records_saves_and_predicts_with_the_blend(tiny_model_dir, tmp_path):
+def test_a_run_fits_records_saves_and_predicts_with_the_blend(tiny_model_dir, tmp_path, monkeypatch):
     import lorafit
+    from lorafit.recipe import TrainingRecipe
 
+    evaluated = []
+    evaluate = TrainingRecipe.evaluate
+    monkeypatch.setattr(TrainingRecipe, "evaluate", lambda self, split: evaluated.append(split) or evaluate(self, split))
     run = lorafit.train(tiny_config(tiny_model_dir("bert"), tmp_path, epochs=1, tfidf_weight=0.25))
-    info = json.loads((run.path / "run.json").read_text())["tfidf"]
+    record = json.loads((run.path / "run.json").read_text())
+    info = record["tfidf"]
+    # the encoder's validation accuracy is the best step's, kept from that evaluation: validation is evaluated
+    # only in the training loop (each logged), never again after it
+    logged = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert evaluated.count("validation") == sum(r.get("split") == "validation" for r in logged) > 0
+    assert info["validation_accuracy_encoder"] == record["best_validation_accuracy"]
     assert info["test_accuracy_blend"] == run.test_metrics["accuracy"]
     assert "weight" not in json.loads((run.path / "model" / JSON_FILE).read_text())  # config.yaml holds it
     for key in ("validation_accuracy_encoder", "validation_accuracy_blend", "validation_accuracy_tfidf",

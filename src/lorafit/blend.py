@@ -20,15 +20,22 @@ class TfidfBlend(Extension):
         self.weight = weight
         self.model: Optional[TfidfModel] = None  # fitted after training; until then evaluations are the encoder's
         self.encoder_logits: dict[str, np.ndarray] = {}  # each split's logits before the blend
+        self.best_validation: Optional[np.ndarray] = None  # the encoder's validation logits at its best step
         self.info: dict[str, Any] = {}  # run.json's tfidf section
+
+    def on_evaluate(self, recipe, split: str, step: int, metrics: dict) -> None:
+        if step == recipe.state.best_step:  # this evaluation is the best so far: its weights are the ones kept
+            self.best_validation = self.encoder_logits["validation"]
 
     def after_training(self, recipe) -> None:
         """Fit on the labelled training rows (every process fits the same deterministic model, so their metrics
-        agree; a search's trials share one fit through `reuse`) and measure the blend on validation."""
+        agree; a search's trials share one fit through `reuse`) and measure the blend on validation (the main
+        process, which records it)."""
         cfg, b = recipe.cfg, recipe.data.bundle
-        if recipe.has_validation:  # the restored best weights' validation logits, before any blend
-            recipe.evaluate("validation")
-        validation_logits = self.encoder_logits.get("validation")
+        if recipe.main and recipe.has_validation and self.best_validation is None:  # resumed after the best step
+            recipe.evaluate("validation")  # the restored best weights
+            self.best_validation = self.encoder_logits["validation"]
+        validation_logits = self.best_validation
         key = ("tfidf", json.dumps([cfg.data.model_dump(mode="json"), cfg.data_seed], sort_keys=True))
         found = recipe.reuse.get(key) if recipe.reuse is not None else None
         if found is None:
