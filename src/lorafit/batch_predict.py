@@ -827,15 +827,14 @@ def input_data_config(clf, text_column=None, allow_pickle: bool = False) -> Data
 
 def run_text_columns(run_dir: str | Path) -> list[str]:
     """The text column(s) the run trained on: what an input is read by when none is named (both engines)."""
-    from .rundir import read_run
+    from .rundir import read_config
 
-    run_data = read_run(run_dir, require_completed=False)[1].data
-    return list(run_data.text_columns or [run_data.text_column])
+    return read_config(run_dir).data.all_text_columns
 
 
 def _text_columns(clf, data: Optional[DataConfig]) -> list[str]:
     if data is not None:
-        return list(data.text_columns or [data.text_column])
+        return data.all_text_columns
     if getattr(clf, "run_dir", None) is not None:
         return run_text_columns(clf.run_dir)
     return ["text"]

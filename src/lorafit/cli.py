@@ -535,9 +535,9 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
 
     from rich.table import Table
 
-    from .data import labels_from
+    from .data import labels_from, texts_from
     from .evaluate import compute_metrics
-    from .predict import input_texts, read_inputs
+    from .predict import read_inputs
     from .report import write_evaluation
     from .rundir import evaluation_dir, read_config
 
@@ -548,7 +548,7 @@ def evaluate_file(run: Path, input: Optional[Path] = None, output: Optional[Path
     clf = load_classifier(run, flags)
     data = input_data(clf, read)
     df = read_inputs(input, allow_pickle=data.allow_pickle)
-    texts = input_texts(df, data.text_columns or [data.text_column], str(input))
+    texts = texts_from(df, data, str(input))
     data_cfg = read_config(clf.run_dir).data
     if "label_column" in read.model_fields_set:
         data_cfg = data_cfg.model_copy(update={"label_column": read.label_column})

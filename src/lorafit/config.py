@@ -72,6 +72,11 @@ class DataConfig(_Section):
         "distilled student keeps its teacher's, so both are scored on exactly the same rows whatever its seed."
     )
 
+    @property
+    def all_text_columns(self) -> list[str]:
+        """The columns a row's text is read from: text_columns (joined with a space), else text_column."""
+        return list(self.text_columns or [self.text_column])
+
 
 class ModelConfig(_Section):
     model: str = Field(

@@ -327,7 +327,7 @@ def _row(origin: str, i: int) -> str:
 
 
 def texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
-    columns = cfg.text_columns or [cfg.text_column]
+    columns = cfg.all_text_columns
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LorafitError(

@@ -161,14 +161,14 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
     run_dir = Path(run_dir).resolve()  # actors run elsewhere: an absolute path
     from .rundir import read_run
 
-    read_run(run_dir)  # a completed run of a layout this lorafit reads: said here, before Ray starts
+    run_cfg = read_run(run_dir)[1]  # a completed run of a layout this lorafit reads: said here, before Ray starts
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")
     files, reader = input_files(input)
-    from .batch_predict import checked_id_column, run_text_columns
+    from .batch_predict import checked_id_column
 
-    texts = list(text_columns) if text_columns else run_text_columns(run_dir)
+    texts = list(text_columns) if text_columns else run_cfg.data.all_text_columns
 
     started = not ray.is_initialized()  # a caller's own ray.init (a notebook, the tests) is used and left running
     if started:
