@@ -238,6 +238,10 @@ class InputFile:
         elif self.kind == "txt":
             self._check_columns(["text"])
 
+    def needed_columns(self) -> list[str]:
+        """The columns a chunk reads: the text column(s) and the id column, once each."""
+        return list(dict.fromkeys(self.text_columns + ([self.id_column] if self.id_column else [])))
+
     def _check_columns(self, names: Sequence[str]) -> None:
         missing = [c for c in self.text_columns if c not in names]
         if missing:
@@ -322,7 +326,7 @@ class InputFile:
             pending.append((row.number, row.text, row.expected_columns, row.actual_columns))
             return "skip"
 
-        needed = list(dict.fromkeys(self.text_columns + ([self.id_column] if self.id_column else [])))
+        needed = self.needed_columns()
         cursor = (0, 2 + sum(n.count("\n") for n in names))  # (next row, its line): the header is line 1
         with pa.OSFile(str(self.path)) as raw:
             for batch in self._open_csv(raw, names, on_invalid):
@@ -335,7 +339,7 @@ class InputFile:
     def _parquet_pieces(self, chunk_rows: int) -> Iterator[Piece]:
         import pyarrow.parquet as pq
 
-        needed = list(dict.fromkeys(self.text_columns + ([self.id_column] if self.id_column else [])))
+        needed = self.needed_columns()
         next_row = 0
         with pq.ParquetFile(self.path) as pf:
             for batch in pf.iter_batches(batch_size=chunk_rows, columns=needed, use_threads=False):
@@ -884,16 +888,17 @@ def predict_file(clf, input: str | Path, output: str | Path, cfg: Optional[Predi
                           highlight=False)
     elif cfg.resume:
         raise LorafitError(f"{output}: nothing to resume (no {paths['state'].name}); run without --resume")
-    if resume_state is None:
+    def discard_partials() -> None:
         for key in ("partial", "state", "bad_partial"):
             _remove(paths[key])
 
+    if resume_state is None:
+        discard_partials()
     try:
         summary = _run(clf, src, output, cfg, text_columns, paths, parquet, now, resume_state, console, progress)
     except LorafitError:
         # the input must change for the run to get further, and the partial would not match it then: remove it
-        for key in ("partial", "state", "bad_partial"):
-            _remove(paths[key])
+        discard_partials()
         raise
     console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
     return summary

@@ -136,7 +136,6 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
     """The teacher's logits on `texts` (already cleaned as the teacher's data is), from the cache in the teacher's
     run directory or computed once (on `device` in `precision`, fp32 or bf16; see logits_backend) and cached.
     Returns the logits and what to record: cache file, whether it was reused, backend and texts/s."""
-    from .data import encode, pad_token_id
     from .predict import load, torch_backend_name
 
     teacher = Path(teacher_run)
@@ -153,8 +152,7 @@ def teacher_logits(teacher_run: Union[str, Path], texts: list[str], batch_size: 
         if console is not None:
             console.print(f"teacher {teacher}: computing its logits on {len(texts)} texts ({clf.backend.name}), once")
         start = time.perf_counter()
-        enc = encode(clf.tokenizer, texts, clf.max_length, full_lengths=False)
-        logits = clf.backend.logits(enc, batch_size, pad_token_id(clf.tokenizer))
+        logits = clf.encoder_logits(texts)  # loaded with this batch size
         seconds = time.perf_counter() - start
         found = {"logits": logits.astype(np.float32), "backend": clf.backend.name,
                  "texts_per_s": round(len(texts) / max(seconds, 1e-9), 2)}

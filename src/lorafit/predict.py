@@ -109,9 +109,14 @@ class Classifier:
         texts = self._texts(texts, allow_blank)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        enc = encode(self.tokenizer, texts, self.max_length, full_lengths=False)
-        logits = self.backend.logits(enc, self.batch_size, pad_token_id(self.tokenizer))
+        logits = self.encoder_logits(texts)
         return self.tfidf.blend(logits, texts) if self.tfidf is not None else logits
+
+    def encoder_logits(self, texts: Sequence[str]) -> np.ndarray:
+        """The encoder's logits for `texts` as given (not cleaned, not blended), each tokenized once, truncated to
+        the run's max length (the distillation teacher's texts are cleaned already)."""
+        enc = encode(self.tokenizer, texts, self.max_length, full_lengths=False)
+        return self.backend.logits(enc, self.batch_size, pad_token_id(self.tokenizer))
 
     def predict_proba(self, texts: Sequence[str], allow_blank: bool = False) -> np.ndarray:
         """Class probabilities, shape (n_texts, n_classes), columns in `classes_` order."""

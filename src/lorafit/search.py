@@ -112,17 +112,15 @@ def _describe_space(space: dict[str, ParamSpec]) -> str:
 class ParamCounter:
     """Trainable parameters of a model config: model.make_trainable (the function prepare_model trains with) applied
     to model.build_base's meta-device skeleton (no weights loaded, no memory), cached per setting that changes the
-    count, so the sampler can be told 'over budget' in milliseconds. `model_cfg` is the study's base model config,
-    counted when count() is given none; a trial's own backbone, pooling and layer count are the ones counted."""
+    count, so the sampler can be told 'over budget' in milliseconds. A trial's own backbone, pooling and layer
+    count are the ones counted."""
 
-    def __init__(self, model_cfg: ModelConfig, label_names: list[str]):
+    def __init__(self, label_names: list[str]):
         self.label_names = label_names
-        self._model_cfg = model_cfg
         self._skeletons: dict[tuple, Any] = {}
         self._cache: dict[tuple, int] = {}
 
-    def count(self, cfg: Optional[ModelConfig] = None) -> int:
-        cfg = cfg if cfg is not None else self._model_cfg
+    def count(self, cfg: ModelConfig) -> int:
         # what build_base's architecture depends on, then what make_trainable's choice of trained weights does
         arch = (cfg.model, cfg.trust_remote_code, cfg.pooling, cfg.num_layers)
         key = arch + (cfg.method, cfg.lora_r, tuple(cfg.target_modules),
@@ -402,7 +400,7 @@ def search(config: Union[Config, dict, str, Path, None] = None, *, console=None,
     from .data import load_data
 
     label_names = load_data(cfg.data, cfg.data_seed).label_names
-    counter = ParamCounter(cfg.model, label_names)
+    counter = ParamCounter(label_names)
     if recipe_factory is None:
         from .train import recipe_for as recipe_factory
 
