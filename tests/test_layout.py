@@ -41,15 +41,11 @@ def test_no_private_name_crosses_modules_in_src_and_bench():
     assert not found, "\n".join(found)
 
 
-def test_the_check_sees_a_private_import(tmp_path):
+def test_the_check_sees_a_private_import(tmp_path, monkeypatch):
     sample = tmp_path / "sample.py"
     sample.write_text("from lorafit.train import _hidden\nimport lorafit.model as m\nm._secret()\n")
-    global ROOT
-    root, ROOT = ROOT, tmp_path
-    try:
-        assert [u.split(" ", 1)[1] for u in private_uses(sample)] == ["imports _hidden", "uses m._secret"]
-    finally:
-        ROOT = root
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)  # paths in the findings are relative to ROOT
+    assert [u.split(" ", 1)[1] for u in private_uses(sample)] == ["imports _hidden", "uses m._secret"]
 
 
 BENCH = ROOT / "bench"
@@ -143,17 +139,13 @@ def test_only_rundir_spells_a_run_file_name():
     assert constants == set(RUN_FILE_NAMES)  # the check looks for every name rundir owns
 
 
-def test_the_run_file_check_sees_a_literal(tmp_path):
+def test_the_run_file_check_sees_a_literal(tmp_path, monkeypatch):
     sample = tmp_path / "sample.py"
     sample.write_text('import json\n"""Reads run.json and labels.json."""\np = "test_metrics.json"\n'
                       'q = run / "splits.json"\nr = f"{run}/config.yaml"\n')
-    global ROOT
-    root, ROOT = ROOT, tmp_path
-    try:
-        assert [u.split(" ", 1)[1] for u in run_file_literals(sample)] == [
-            "spells 'test_metrics.json'", "spells 'splits.json'", "spells '/config.yaml'"]
-    finally:
-        ROOT = root
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert [u.split(" ", 1)[1] for u in run_file_literals(sample)] == [
+        "spells 'test_metrics.json'", "spells 'splits.json'", "spells '/config.yaml'"]
 
 
 # --- import arrows: no circle in src/lorafit or in bench/ -------------------------------------------------------
