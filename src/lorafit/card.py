@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .config import DEFAULT_MODEL, Config
 from .fileio import atomic_write_text
-from .rundir import read_data_summary, read_labels, read_run, read_test_metrics, read_tfidf_weight
+from .rundir import MODEL_DIR, read_data_summary, read_labels, read_run, read_test_metrics, read_tfidf_weight
 
 CARD_FILE = "README.md"  # inside model/: the Hub shows a repo's README.md as its card
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled weights are a copy of
@@ -258,7 +258,7 @@ def model_card(run_dir: str | Path, require_completed: bool = True) -> str:
 
 def write_model_card(run_dir: str | Path, require_completed: bool = True) -> Path:
     """Write model/README.md atomically; return its path."""
-    path = Path(run_dir) / "model" / CARD_FILE
+    path = Path(run_dir) / MODEL_DIR / CARD_FILE
     text = model_card(run_dir, require_completed=require_completed)
     atomic_write_text(path, text)
     return path
