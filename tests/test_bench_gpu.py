@@ -61,7 +61,7 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
     assert recorded["model"]["pooling"] == "cls" and recorded["model"]["target_modules"] == ["query", "value"]
     assert recorded["model"]["lora_layers"] is None and recorded["model"]["lora_dropout"] == 0.1
     assert recorded["model"]["tfidf_weight"] == 0 and recorded["train"]["head_learning_rate"] is None
-    contenders = ["pipeline", "hand-loop", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
+    contenders = ["pipeline", "hand-loop", "overlap", "lorafit-api"] + (["lorafit-cli"] if cuda else [])
     assert [(r["contender"], r.get("texts_per_s", 0) > 0) for r in results["inference"]] == [
         (c, True) for c in contenders]
     table = (report / "results.md").read_text()
@@ -145,8 +145,9 @@ def test_gpu_busy_time_is_the_union_of_the_device_intervals(load_bench):
     assert summary["wall_ms"] == 1.0 and summary["top_ops"] == "the op table"
 
 
-def test_the_hand_loop_gives_the_models_own_labels(load_bench, tmp_path):
-    """The hand-written inference contender sorts, pads and scatters back: its labels are the plain forward's."""
+def test_the_hand_loops_give_the_models_own_labels(load_bench, tmp_path):
+    """The hand-written inference contenders sort, pad and scatter back: their labels are the plain forward's, for
+    the whole list at once and in chunks tokenized ahead (3 chunks, the last one short, each put at its offset)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
@@ -166,4 +167,6 @@ def test_the_hand_loop_gives_the_models_own_labels(load_bench, tmp_path):
                     for t in texts]
     assert len(set(expected)) >= 3
     labels = bench.hand_loop(str(tmp_path), batch_size=3, max_length=16)(texts)
+    assert labels.tolist() == expected
+    labels = bench.hand_loop(str(tmp_path), batch_size=2, max_length=16, chunk=3)(texts)
     assert labels.tolist() == expected
