@@ -279,7 +279,7 @@ def test_whole_file_problems_are_one_line(clf, tmp_path):
     out = tmp_path / "out.csv"
     cases = {"latin1.csv": (b"text\ncaf\xe9 au lait\n", "not valid UTF-8"),
              "header-only.csv": (b"text\n", "no rows to predict"),
-             "other.csv": (b"sentence\nhello\n", "no column 'text' (columns: sentence); set --text-column"),
+             "other.csv": (b"sentence\nhello\n", "no column 'text' (columns: sentence); set --text-column or --text-columns"),
              "in.xlsx": (b"x", "unsupported file type '.xlsx'")}
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)

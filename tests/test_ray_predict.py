@@ -185,6 +185,22 @@ def test_a_blank_row_gets_the_local_engines_answer(tiny_run, ray_cluster, tmp_pa
                                   check_exact=False, atol=2e-6)
 
 
+def test_a_missing_text_column_is_the_local_engines_line(tiny_run, ray_cluster, tmp_path):
+    from lorafit.batch_predict import predict_file
+
+    pd.DataFrame({"sentence": ["Stocks rally"]}).to_csv(tmp_path / "in.csv", index=False)
+    cfg = PredictConfig(engine="ray", ray_address=ray_cluster.address, workers=1, cpus_per_worker=0.5)
+    with pytest.raises(LorafitError) as on_ray:
+        predict_with_ray(tiny_run, tmp_path / "in.csv", tmp_path / "out", cfg)
+    with pytest.raises(LorafitError) as local:
+        predict_file(lorafit.load(tiny_run), tmp_path / "in.csv", tmp_path / "local.csv",
+                     cfg.model_copy(update={"engine": "local"}))
+    line = "no column 'text' (columns: sentence); set --text-column or --text-columns"
+    assert str(on_ray.value) == f"--input {tmp_path / 'in.csv'}: {line}"
+    assert str(local.value) == f"{tmp_path / 'in.csv'}: {line}"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_input_and_output_checks_are_one_line(tiny_run, tmp_path):
     with pytest.raises(LorafitError, match="no such file or folder"):
         input_files(tmp_path / "missing")

@@ -42,7 +42,8 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DataConfig, PredictConfig
-from .data import MAX_TEXT_CHARS, check_pickle_allowed, looks_like_jsonl, read_table, suffix_and_compression
+from .data import (MAX_TEXT_CHARS, check_pickle_allowed, check_text_columns, looks_like_jsonl, read_table,
+                   suffix_and_compression)
 from .errors import LorafitError
 from .fileio import atomic_path, atomic_write_json
 
@@ -243,10 +244,7 @@ class InputFile:
         return list(dict.fromkeys(self.text_columns + ([self.id_column] if self.id_column else [])))
 
     def _check_columns(self, names: Sequence[str]) -> None:
-        missing = [c for c in self.text_columns if c not in names]
-        if missing:
-            raise LorafitError(f"{self.path}: no column {', '.join(repr(m) for m in missing)} (columns: "
-                               f"{', '.join(names)}); set --text-column")
+        check_text_columns(names, self.text_columns, str(self.path))
         self.id_column = checked_id_column(names, self.requested_id, str(self.path))
 
     def _unreadable(self, exc: Exception) -> LorafitError:

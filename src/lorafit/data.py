@@ -326,14 +326,17 @@ def _row(origin: str, i: int) -> str:
     return f"{origin}: line {i + 2}" if origin.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")) else f"{origin}: row {i + 1}"
 
 
+def check_text_columns(found: Sequence[str], wanted: Sequence[str], origin: str) -> None:
+    """The one message for a text column the input lacks (training data, prediction files, the Ray engine)."""
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise LorafitError(f"{origin}: no column {', '.join(repr(m) for m in missing)} (columns: "
+                           f"{', '.join(map(str, found))}); set --text-column or --text-columns")
+
+
 def texts_from(df: pd.DataFrame, cfg: DataConfig, origin: str) -> list[str]:
     columns = cfg.all_text_columns
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise LorafitError(
-            f"{origin}: no column {', '.join(repr(m) for m in missing)} (columns: {', '.join(df.columns)}); "
-            "set --text-column or --text-columns"
-        )
+    check_text_columns(list(df.columns), columns, origin)
     for c in columns:
         bad = df[c].map(lambda v: not isinstance(v, str) and not (isinstance(v, float) and math.isnan(v)) and v is not None)
         if bad.any() and len(columns) == 1:

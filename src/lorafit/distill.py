@@ -294,7 +294,7 @@ class Distillation(Extension):
         except Exception as exc:  # noqa: BLE001 - a measurement for the record must never fail a finished run
             recipe.console.print(f"[yellow]warning: the student's predict speed could not be measured "
                                  f"({escape(describe(exc))})[/]")
-        recipe.record.update(distillation={**recipe.record.data.get("distillation", {}), **self.info,
+        recipe.record.update(distillation={**recipe.record.data.get("distillation", {}),  # on_start's info
                                            "student_layers": layer_count(recipe.cfg), **speed,
                                            "speed_measured": "in-run: teacher while computing its logits, student "
                                                              "on the test split"})

@@ -167,6 +167,7 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         raise LorafitError(f"--output {out}: exists and is not an empty folder; remove it or choose another")
     files, reader = input_files(input)
     from .batch_predict import checked_id_column
+    from .data import check_text_columns
 
     texts = list(text_columns) if text_columns else run_cfg.data.all_text_columns
 
@@ -188,10 +189,7 @@ def predict_with_ray(run_dir: str | Path, input: str | Path, output_dir: str | P
         ds = _read(ray, files, reader)
         columns = ds.columns()
         origin = f"--input {input}"
-        missing = [c for c in texts if c not in columns]
-        if missing:
-            raise LorafitError(f"{origin}: no text column '{missing[0]}' (columns: {', '.join(columns)}); "
-                               "name the text column(s)")
+        check_text_columns(columns, texts, origin)
         id_col = checked_id_column(columns, cfg.id_column, origin)
         if id_col is None:
             ds, id_col = _numbered(ray, ds), ROW_NUMBER
