@@ -130,17 +130,15 @@ CONTENDERS = {"local": local, "ray-1-worker": ray_1_worker, "ray-2-workers": ray
 # --- inputs and the tiny run ---------------------------------------------------------------------------------
 def make_input(rows: int, path: Path) -> Path:
     """N rows `id,text`: the bundled test texts repeated, written block by block (never N rows in memory)."""
-    import gzip
-    from importlib import resources
-
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    from lorafit.config import DataConfig
+    from lorafit.data import load_data
+
     if path.is_file():
         return path
-    with resources.files("lorafit.resources").joinpath("ag_news_sample_test.csv.gz").open("rb") as f:
-        texts = pd.read_csv(gzip.open(f), keep_default_na=False)["text"].tolist()
+    texts = load_data(DataConfig(validation_size=0), seed=0).test.texts
     tmp = path.with_suffix(".tmp")
     with pacsv.CSVWriter(str(tmp), pa.schema([("id", pa.int64()), ("text", pa.string())])) as writer:
         for start in range(0, rows, 50_000):

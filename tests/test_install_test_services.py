@@ -4,7 +4,6 @@ here (on a PATH holding nothing else), so nothing is installed."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -152,7 +152,7 @@ def test_the_progress_bar_keeps_epochs_and_steps_whole_in_80_columns():
     out = io.StringIO()
     console = Console(file=out, width=80, force_terminal=False)
     with progress_bar(console, main=True) as progress:
-        task = progress.add_task("train", total=10240, completed=1024, epoch="2/40",
+        progress.add_task("train", total=10240, completed=1024, epoch="2/40",
                                  info="loss 0.3412  lr 9.87e-04  1234.5 samples/s and more words to overflow")
         progress.refresh()
     text = out.getvalue()

@@ -3,7 +3,6 @@
 Most tests here drive the Optuna study with a stand-in recipe (the TrainingRecipe interface: setup, train_epoch,
 evaluate, finish, callbacks) so they take a second; test_search_e2e.py trains real tiny models."""
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
