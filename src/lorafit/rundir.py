@@ -29,10 +29,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import re
+import sys
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +84,18 @@ def new_run_dir(cfg: Config) -> Path:
 def environment() -> dict[str, Any]:
     import torch
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("transformers", "peft", "accelerate", "datasets", "sklearn", "lorafit"):
+    # lorafit's own version from the package this module belongs to (installed or run from a checkout's src/);
+    # the others from package metadata: nothing is imported for the record
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "lorafit": sys.modules[__package__].__version__}
+    for key, dist in (("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"),
+                      ("datasets", "datasets"), ("sklearn", "scikit-learn")):
         try:
-            versions[pkg] = __import__(pkg).__version__
-        except Exception:  # an optional package missing is not worth failing a run for
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # a package missing is not worth failing a run for
             pass
     hardware = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()}
+                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         hardware["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"versions": versions, "hardware": hardware}
