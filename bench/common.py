@@ -87,21 +87,26 @@ def run_child(cmd: list[str]) -> tuple[Optional[dict], str]:
 def stepping_recipe(overrides: dict) -> Iterator[tuple[Any, Iterator[dict]]]:
     """The default recipe with `overrides` (config leaf names), set up (data, model, forward pass) and in training
     mode, with gradients on: yields it and its training batches, cycled (more steps than an epoch has go round
-    again; every caller sees the same batches in the same order). Undoes the forward pass's changes on exit."""
+    again; every caller sees the same batches in the same order). Its run directory goes to a temporary folder and
+    no tracker is called, unless `overrides` says otherwise. Undoes the forward pass's changes on exit."""
+    import tempfile
+
     import torch
     from rich.console import Console
 
     from lorafit.config import Config
     from lorafit.train import recipe_for
 
-    recipe = recipe_for(Config().with_overrides(overrides), console=Console(quiet=True), evaluate_test=False)
-    recipe.setup()
-    try:
-        recipe.model.train()
-        with torch.enable_grad():
-            yield recipe, itertools.cycle(list(recipe.loader))
-    finally:
-        recipe.cleanup.close()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = Config().with_overrides({"output_dir": out, "report_to": ["none"], **overrides})
+        recipe = recipe_for(cfg, console=Console(quiet=True), evaluate_test=False)
+        recipe.setup()
+        try:
+            recipe.model.train()
+            with torch.enable_grad():
+                yield recipe, itertools.cycle(list(recipe.loader))
+        finally:
+            recipe.cleanup.close()
 
 
 # --- measuring and reporting ---------------------------------------------------------------------------------

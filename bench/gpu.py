@@ -278,7 +278,7 @@ def lorafit_overrides(row: str, args, model_dir: Path, data: dict, out: Path) ->
     if row == "lorafit-peer":
         return recipe
     if row in ("qlora-4bit", "qlora-8bit"):
-        return {**recipe, "quantize": row.split("-")[1]}
+        return {**recipe, "quantize": row.removeprefix("qlora-")}
     raise ValueError(row)
 
 
@@ -292,7 +292,7 @@ def run_lorafit(row: str, args, model_dir: Path, data: dict, out: Path) -> dict[
             "peak_gpu_gb": info.get("peak_gpu_memory_gb"), "run": str(run.path)}
 
 
-def qlora_unavailable(quantize: str = "4bit") -> Optional[str]:
+def qlora_unavailable(quantize: str) -> Optional[str]:
     """Why a QLoRA row cannot run here (lorafit's own check, as `lorafit train --quantize` makes it), or None."""
     from lorafit.config import ModelConfig
     from lorafit.errors import LorafitError
@@ -471,7 +471,8 @@ def profile_summary(prof, wall_s: float, units: int) -> dict[str, Any]:
     kernel launches (CUDA runtime calls); copies from pageable host memory (each one blocks the host)."""
     from torch.autograd import DeviceType
 
-    calls = {e.key: e.count for e in prof.key_averages()}
+    averages = prof.key_averages()  # aggregates every event of the profile: once
+    calls = {e.key: e.count for e in averages}
     device = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                     if e.device_type == DeviceType.CUDA)
     busy_us, reached = 0.0, float("-inf")
@@ -487,8 +488,8 @@ def profile_summary(prof, wall_s: float, units: int) -> dict[str, Any]:
             "syncs": round(sum(calls.get(k, 0) for k in SYNC_CALLS) / per, 2),
             "launches": round(sum(calls.get(k, 0) for k in LAUNCH_CALLS) / per, 2),
             "pageable_copies": round(sum("Pageable" in name for _, _, name in device) / per, 2),
-            "top_ops": prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                                 row_limit=15, max_name_column_width=70)}
+            "top_ops": averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=15, max_name_column_width=70)}
 
 
 def save_trace(prof, path: Path) -> None:
@@ -527,18 +528,20 @@ def profile_training(row: str, args, model_dir: Path, data: dict, out: Path, rep
             _sync()
             wall = time.perf_counter() - t0
     save_trace(prof, report / f"trace-train-{row}.json.gz")
-    return {"part": f"train {row}", "per": "step", **profile_summary(prof, wall, args.profile_steps)}
+    return {"per": "step", **profile_summary(prof, wall, args.profile_steps)}
 
 
 def profile_inference(run: str, texts: list[str], batch_size: int, report: Path) -> dict[str, Any]:
-    """lorafit.load(...).predict's two stages apart: tokenizing the texts (data.encode), then the model over them
+    """lorafit.load(...).predict's two stages apart: the host's part, cleaning and tokenizing the texts (as
+    decision_function does: data.clean_text where the run cleans, then data.encode), then the model over them
     (the backend's logits, under the profiler); and the whole decision_function for comparison."""
-    from lorafit.data import encode, pad_token_id
+    from lorafit.data import clean_text, encode, pad_token_id
 
     clf = lorafit_classifier(run, batch_size)
     clf.predict(texts[:batch_size])  # warm-up
     t0 = time.perf_counter()
-    enc = encode(clf.tokenizer, texts, clf.max_length, full_lengths=False)  # as predict tokenizes
+    cleaned = [clean_text(t) for t in texts] if clf.clean else texts
+    enc = encode(clf.tokenizer, cleaned, clf.max_length, full_lengths=False)
     tokenize_s = time.perf_counter() - t0
     _sync()
     with _profiler() as prof:
@@ -552,7 +555,7 @@ def profile_inference(run: str, texts: list[str], batch_size: int, report: Path)
     _sync()
     total_s = time.perf_counter() - t0
     batches = -(-len(texts) // clf.batch_size)
-    return {"part": f"predict {len(texts)} texts", "per": f"batch of {clf.batch_size}",
+    return {"per": f"batch of {clf.batch_size}",
             "tokenize_s": round(tokenize_s, 3), "model_s": round(model_s, 3), "total_s": round(total_s, 3),
             **profile_summary(prof, model_s, batches)}
 
@@ -678,10 +681,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         parts = [(f"train {row}", lambda row=row: profile_training(row, args, model_dir, data, out, report))
                  for row in ("lorafit-peer", "lorafit") if row in wanted]
         if run:
-            parts.append(("predict", lambda: profile_inference(run, texts[:args.profile_texts],
-                                                               args.predict_batch_size, report)))
+            sample = texts[:args.profile_texts]
+            parts.append((f"predict {len(sample)} texts",
+                          lambda: profile_inference(run, sample, args.predict_batch_size, report)))
         for part, measure in parts:
-            found = _profiled(part, measure)
+            found = {"part": part, **_recorded(measure)}
             top_ops.append(f"## {found['part']} (per {found.get('per', '?')})\n"
                            f"{found.get('top_ops') or found.get('error')}\n\n")
             results["profile"].append({k: v for k, v in found.items() if k != "top_ops"})
@@ -689,10 +693,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     save()
     print(markdown(results), flush=True)
     return results
-
-
-def _profiled(part: str, measure: Callable[[], dict]) -> dict[str, Any]:
-    return {"part": part, **_recorded(measure)}
 
 
 def _rate(measure: Callable[[], float]) -> dict[str, Any]:

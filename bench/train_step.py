@@ -8,11 +8,13 @@ paths, each applied by forward_pass.apply() (or, for the optimizer, by the recip
 
   frozen-bf16      under bf16: frozen Linear weights held in bf16 (frozen.frozen_linears); switched off here by
                    undoing the forward pass's patches and putting fast dropout back (no config switch)
-  frozen-int8      under fp32: frozen weights' forward matmuls in int8 (train.int8_frozen_weights)
+  int8             under fp32: frozen weights' forward matmuls in int8 (train.int8_frozen_weights, off by
+                   default: this variant switches it on)
   fused-lora       under fp32: each LoRA layer as one autograd node (train.fused_lora)
   math-attention   SDPA's math kernel for CPU training instead of the fused flash kernel (train.cpu_attention_kernel)
   fast-dropout     the byte-mask dropout (forward_pass.FastDropout) instead of nn.Dropout (train.fast_dropout)
-  fused-adamw      AdamW(fused=True); switched off here by giving the recipe an unfused AdamW (no config switch)
+  fused-adamw      AdamW(fused=True); switched off here in the recipe's own optimizer, before its first step
+                   (no config switch)
   no-attention-dropout, pad-multiple-8: config switches, here for the step-level view (the whole-run view is
                    bench/train_throughput.py)
 
@@ -32,7 +34,6 @@ import argparse
 import itertools
 import os
 import sys
-import tempfile
 import time
 
 from common import cpu_summary, report_result, run_child, stepping_recipe
@@ -40,11 +41,11 @@ from common import cpu_summary, report_result, run_child, stepping_recipe
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# name: config overrides that switch one path off (None: a path without a config switch, changed below)
+# name: config overrides that switch one path off, or int8 on (None: a path without a config switch, changed below)
 VARIANTS = {
     "default": {},
     "no-frozen-bf16": None,
-    "no-int8": {"int8_frozen_weights": False},
+    "int8": {"int8_frozen_weights": True},
     "peft-lora": {"fused_lora": False},
     "flash-attention": {"cpu_attention_kernel": "default"},
     "torch-dropout": {"fast_dropout": False},
@@ -55,26 +56,21 @@ VARIANTS = {
 
 
 def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
-    import torch
-
     from lorafit.forward_pass import fast_dropout
-    from lorafit.model import param_groups_of
 
-    with tempfile.TemporaryDirectory() as out, stepping_recipe(
-            {"max_train_samples": rows, "output_dir": out, "run_name": name, "max_steps": 100_000,
-             "report_to": ["none"], **(VARIANTS[name] or {})}) as (recipe, batches):
-        plan = recipe.forward.record["speed_paths"]
-        applies = {"no-frozen-bf16": plan["frozen_weights"] == "bf16",
-                   "no-int8": plan["frozen_weights"] == "int8", "peft-lora": recipe.precision == "fp32"}
+    with stepping_recipe({"max_train_samples": rows, "run_name": name, "max_steps": 100_000,
+                          **(VARIANTS[name] or {})}) as (recipe, batches):
+        frozen = recipe.forward.record["speed_paths"]["frozen_weights"]
+        applies = {"no-frozen-bf16": frozen == "bf16", "int8": frozen == "int8", "peft-lora": recipe.precision == "fp32"}
         if not applies.get(name, True):
             return {"skipped": f"not a path of {recipe.precision} training on this CPU"}
         if name == "no-frozen-bf16":  # autocast casts the fp32 frozen weights at every call, as without the path
             recipe.forward.close()
             recipe.cleanup.enter_context(fast_dropout(recipe.unwrapped))  # its new modules are in training mode
-        if name == "unfused-adamw":
-            t = recipe.cfg.train
-            recipe.optimizer = torch.optim.AdamW(param_groups_of(recipe.unwrapped, recipe.cfg), lr=t.learning_rate,
-                                                 weight_decay=t.weight_decay, fused=False)
+            frozen = "plain"
+        if name == "unfused-adamw":  # AdamW reads `fused` from its groups at every step and has no state yet
+            for group in recipe.optimizer.param_groups:
+                group["fused"] = False
         for batch in itertools.islice(batches, warmup):
             recipe.train_step(batch, sync=True)
         t0, samples = time.perf_counter(), 0
@@ -83,7 +79,7 @@ def run_variant(name: str, steps: int, warmup: int, rows: int) -> dict:
             samples += len(batch["labels"])
         elapsed = time.perf_counter() - t0
     return {"samples_per_s": round(samples / elapsed, 1), "ms_per_step": round(elapsed / steps * 1000, 1),
-            "precision": recipe.precision, "frozen": plan["frozen_weights"]}
+            "precision": recipe.precision, "frozen": frozen}
 
 
 # the tensor methods that bring a value to the host: on a GPU each one waits for the GPU to catch up
@@ -108,9 +104,7 @@ def host_reads(steps: int, rows: int) -> dict[tuple[str, str], float]:
                 found[(f"{where}:{asker.lineno} {asker.name}", (asker.line or "").strip())] += 1
             return func(*args, **(kwargs or {}))
 
-    with tempfile.TemporaryDirectory() as out, stepping_recipe(
-            {"max_train_samples": rows, "output_dir": out, "run_name": "host-reads", "report_to": ["none"]}) as (
-            recipe, batches):
+    with stepping_recipe({"max_train_samples": rows, "run_name": "host-reads"}) as (recipe, batches):
         recipe.train_step(next(batches), sync=True)  # the first step's one-off work stays out
         with Reads():
             for batch in itertools.islice(batches, steps):
