@@ -148,8 +148,7 @@ def main() -> None:
         print(f"{name:20s} {result['samples_per_s']:8.1f} samples/s  {result['ms_per_step']:7.1f} ms/step", flush=True)
     base = results.get("default")
     if base:
-        print("\nthe speed-up each path brings: the default over a variant that switches a path off, a variant "
-              "that switches one on (int8) over the default")
+        print("\nthe speed-up each path brings (default / variant; int8: variant / default):")
         for name, r in results.items():
             if name != "default":
                 ratio = r["samples_per_s"] / base["samples_per_s"] if name in SWITCHED_ON else \
