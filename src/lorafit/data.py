@@ -462,7 +462,8 @@ def _as_ints(values: list) -> Optional[list[int]]:
 class Encoded:
     input_ids: list[list[int]]
     labels: np.ndarray
-    # tokens before truncation, for the length histogram and filtering; None where inference did not count them
+    # tokens before truncation, for the length histogram and filtering; None where they were not counted (inference,
+    # a distilled student's training split once its soft-only rows are appended)
     full_lengths: Optional[np.ndarray]
 
     def __len__(self) -> int:

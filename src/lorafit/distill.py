@@ -61,13 +61,13 @@ def check_teacher(teacher_run: Union[str, Path], label_names: Optional[list[str]
     """The teacher run's config and run.json, or one line saying why it cannot teach a student training in
     `precision` (which decides whether the teacher's PyTorch model, and so its backbone, is needed)."""
     from .model import backbone_identity
-    from .rundir import read_labels, read_run
+    from .rundir import MODEL_DIR, read_labels, read_run
 
     teacher = Path(teacher_run)
     if not teacher.is_dir():
         raise LorafitError(f"{teacher}: teacher run not found; give a completed run directory")
     _, cfg, info = read_run(teacher)  # a run that did not complete is refused here, saying how to finish it
-    if not (teacher / "model").is_dir():
+    if not (teacher / MODEL_DIR).is_dir():
         raise LorafitError(f"{teacher}: the teacher run has no final weights (model/); train it to completion first")
     if label_names is not None and read_labels(teacher) != list(label_names):
         raise LorafitError(f"{teacher}: the teacher's labels {read_labels(teacher)} differ from the student's "
@@ -93,11 +93,12 @@ def logits_backend(teacher: Path, precision: str) -> tuple[str, Optional[Path]]:
 def _weights_sha256(teacher: Path, onnx_path: Optional[Path]) -> str:
     """What decides the teacher's logits besides its backbone: its trained weights (or its ONNX export)."""
     from .model import file_sha256  # lorafit's own file hashing, cached per file
+    from .rundir import MODEL_DIR
 
     if onnx_path is not None:
         return file_sha256(onnx_path)
     digest = hashlib.sha256()  # model/: safetensors and their JSON configs (not the model card README.md)
-    for path in sorted(p for p in (teacher / "model").iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")):
+    for path in sorted(p for p in (teacher / MODEL_DIR).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")):
         digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
@@ -255,7 +256,8 @@ class Distillation(Extension):
         augmented = augment_texts(bundle.train.texts, d.augment_copies, cfg.data_seed)
         soft_only = unlabelled + augmented  # rows with the teacher's logits and no hard label
         if soft_only:
-            extra = encode(data.tokenizer, soft_only, cfg.data.max_length)
+            # one truncating pass: untruncated lengths serve the length statistics and filters, which have run
+            extra = encode(data.tokenizer, soft_only, cfg.data.max_length, full_lengths=False)
             train = data.encoded["train"]
             # new objects: a search's `reuse` keeps the plain data
             data = replace(data, bundle=replace(bundle, summary={**bundle.summary, "unlabelled_rows": len(unlabelled),
@@ -263,7 +265,7 @@ class Distillation(Extension):
                            encoded={**data.encoded, "train": Encoded(
                                train.input_ids + extra.input_ids,
                                np.concatenate([train.labels, np.full(len(extra), IGNORE_LABEL, dtype=train.labels.dtype)]),
-                               np.concatenate([train.full_lengths, extra.full_lengths]))})
+                               None)})
         # every process needs the logits; the main process computes and caches them first, the others read the cache.
         # The teacher runs on the student's device, in bf16 when the student trains in bf16 (on a CPU with bf16
         # units its torch logits come much faster: docs/distill.md); other precisions predict in fp32.

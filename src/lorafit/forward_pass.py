@@ -112,7 +112,7 @@ def fast_dropout(model: nn.Module):
 def calibrate_int8_on_sample(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
     """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
     n = min(rows, len(enc))
-    sample = Encoded(enc.input_ids[:n], enc.labels[:n], enc.full_lengths[:n])  # rows 0..n-1: the cache's too
+    sample = Encoded(enc.input_ids[:n], enc.labels[:n], None)  # rows 0..n-1: the cache's too
     forward = (lambda batch: prefix.logits(model, batch, "train", device)) if prefix is not None else None
     calibrate_int8(model, lambda: predict_logits(model, sample, n, pad_id, device, forward=forward))
 
