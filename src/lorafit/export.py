@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import LorafitError
+from .evaluate import accuracy
 from .fileio import atomic_directory, atomic_write_json, atomic_write_text
 from .predict import EXPORT_DIR, ONNX_FILES, OnnxBackend, load
 from .rundir import now, read_run, read_test_texts, read_tfidf_weight
@@ -179,16 +180,16 @@ def compare(clf, texts: list[str], labels: Optional[np.ndarray], files: dict[str
         truth = np.array([index.get(str(x), -1) for x in labels])
     out: dict[str, Any] = {"n": len(texts), "texts": "the run's test split (test_predictions.csv)"}
     if truth is not None:
-        out["torch"] = {"accuracy": float((ref_pred == truth).mean())}
+        out["torch"] = {"accuracy": accuracy(ref, truth)}
     torch_backend = clf.backend
     try:
         for name, path in files.items():
             clf.backend = OnnxBackend(path, name=name)
             logits = clf.decision_function(texts)
-            row = {"agreement": float((logits.argmax(-1) == ref_pred).mean()),
+            row = {"agreement": accuracy(logits, ref_pred),
                    "max_abs_logit_diff": float(np.abs(logits - ref).max())}
             if truth is not None:
-                row["accuracy"] = float((logits.argmax(-1) == truth).mean())
+                row["accuracy"] = accuracy(logits, truth)
                 row["accuracy_change_points"] = round(100 * (row["accuracy"] - out["torch"]["accuracy"]), 2)
             out[name] = row
     finally:

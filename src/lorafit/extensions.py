@@ -34,8 +34,8 @@ class CrossEntropyLoss:
 class Extension:
     """A feature that plugs into the recipe. Each hook is a no-op here; a feature defines those it needs. `recipe`
     is the running recipe.TrainingRecipe (its cfg, runtime, data, record, run_dir, evaluate()). Hooks
-    run on every process, in the order the extensions were given, except on_evaluate, model_parts and on_finish (the
-    main process only, which writes the run directory)."""
+    run on every process, in the order the extensions were given, except on_start, on_evaluate, model_parts and
+    on_finish (the main process only, which writes the run directory)."""
 
     def prepare_data(self, recipe, data: PreparedData) -> PreparedData:
         """The data is encoded; no model or run directory yet: may return other data (more training rows)."""
@@ -46,7 +46,7 @@ class Extension:
         return loss_fn
 
     def on_start(self, recipe) -> None:
-        """The run directory is open and the model ready (main process: run.json may be updated)."""
+        """The run directory is open and the model ready: run.json may be updated."""
 
     def on_evaluate(self, recipe, split: str, step: int, metrics: dict) -> None:
         """After each validation evaluation; what it raises ends the run (marked failed), e.g. optuna.TrialPruned."""

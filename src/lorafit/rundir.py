@@ -270,15 +270,9 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the kill
-        if row.get("step", 0) <= step and row.get("split") != "test":
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    # MetricsLog writes each row as json.dumps(row), which reading and writing again gives back unchanged
+    keep = [row for row in read_metrics(run_dir) if row.get("step", 0) <= step and row.get("split") != "test"]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 class MetricsLog:
