@@ -19,6 +19,7 @@ def test_embedded_model_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output
     run = tmp_path / "e2e"
+    assert "\nreport: " in result.output and (run / "report.html").is_file()  # the report this run wrote
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["layout_version"] == 2
     assert info["model"]["trainable_params"] <= 1_000_000

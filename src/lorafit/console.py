@@ -3,6 +3,7 @@ each, so that an 80-column terminal shows them without wrapping; a wider termina
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 # below this many columns the bar is short, the elapsed time is left out and the figures are terse, so the
@@ -37,7 +38,9 @@ def validation_line(step: int, epoch: float, m: dict[str, Any], improved: bool) 
             f"loss {m['loss']:.4f}{' best' if improved else ''}")
 
 
-def result_lines(info: dict[str, Any], test: dict[str, Any], metric: str, kept_last: bool, run_dir, report) -> str:
+def result_lines(info: dict[str, Any], test: dict[str, Any], metric: str, kept_last: bool, run_dir,
+                 report: Optional[Path]) -> str:
+    """The run's closing lines; `report`: the report.html this run wrote, or None."""
     lines = []
     if info["stop_reason"] != "completed":
         best = info.get(f"best_validation_{metric}")
@@ -49,7 +52,7 @@ def result_lines(info: dict[str, Any], test: dict[str, Any], metric: str, kept_l
     lines.append(f"[bold green]test accuracy {test['accuracy']:.4f}[/]  macro F1 {test['f1_macro']:.4f}  "
                  f"loss {test['loss']:.4f}" if test else "no test evaluation")
     lines.append(f"{info['train_samples_per_s']:.1f} samples/s, wall {info['wall_time_s']:.0f}s, run: {run_dir}"
-                 + (f"\nreport: {report}" if report.is_file() else ""))
+                 + (f"\nreport: {report}" if report is not None else ""))
     return "\n".join(lines)
 
 

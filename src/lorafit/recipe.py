@@ -457,12 +457,9 @@ class TrainingRecipe:
             self.best_state = trainable_state_dict(self.unwrapped)
         else:
             st.bad_evals += 1
+        self._record_eval("validation", m, epoch=self._epoch_position(), best=improved)
         if self.main:
-            self.log.write(type="eval", split="validation", step=st.step, epoch=self._epoch_position(),
-                           **scalar_metrics(m), per_class=m["per_class"], confusion_matrix=m["confusion_matrix"],
-                           best=improved)
             self.progress.console.print(out.validation_line(st.step, self._epoch_position(), m, improved))
-        self.runtime.track("validation", scalar_metrics(m), st.step)
         if self.main:
             for observer in self.extensions + self.callbacks:
                 if hasattr(observer, "on_evaluate"):
@@ -508,11 +505,7 @@ class TrainingRecipe:
         test_metrics: dict[str, Any] = {}
         if evaluate_test:
             test_metrics = self.evaluate("test")
-            if self.main:
-                self.log.write(type="eval", split="test", step=st.step,
-                               epoch=round(st.step / self.steps_per_epoch, 4), **scalar_metrics(test_metrics),
-                               per_class=test_metrics["per_class"], confusion_matrix=test_metrics["confusion_matrix"])
-            self.runtime.track("test", scalar_metrics(test_metrics), st.step)
+            self._record_eval("test", test_metrics, epoch=round(st.step / self.steps_per_epoch, 4))
         if self.log is not None:
             self.log.close()
         self.cleanup.close()  # the model's plain forward back before it is saved
@@ -528,10 +521,9 @@ class TrainingRecipe:
             self.record.update(status="completed", finished_at=rundir.now(), **info)
             for ext in self.extensions:
                 ext.on_finish(self, test_metrics)
-            if evaluate_test:  # the report is built around the test results
-                self._report()
+            report = self._report() if evaluate_test else None  # the report is built around the test results
             self.console.print(out.result_lines(info, test_metrics, self.cfg.train.metric_for_best,
-                                                self.best_state is None, self.run_dir, self.run_dir / "report.html"))
+                                                self.best_state is None, self.run_dir, report))
         self.runtime.accelerator.wait_for_everyone()  # when train() returns on any process, the run is complete
         return Run(self.run_dir, self.cfg, test_metrics, info)
 
@@ -554,17 +546,26 @@ class TrainingRecipe:
             "peak_gpu_memory_gb": self.runtime.peak_gpu_memory_gb(),
         }
 
-    def _report(self) -> None:
-        """The report is a bonus on top of the run: a failure to draw is a warning, never a failed run."""
+    def _report(self) -> Optional[Path]:
+        """report.html, or None: the report is a bonus on top of the run, and a failure to draw is a warning, never
+        a failed run."""
         try:
             from . import report
         except ImportError:
-            return
+            return None
         try:
-            report.write_report(self.run_dir)
+            return report.write_report(self.run_dir)
         except Exception as exc:  # noqa: BLE001 - plotting must never break a finished run
             self.console.print(f"[yellow]warning: the report could not be written ({escape(describe(exc))}); "
                                f"results are intact; retry with: lorafit report {self.run_dir}[/]")
+            return None
+
+    def _record_eval(self, split: str, m: dict[str, Any], epoch: float, **extra: Any) -> None:
+        """An evaluation's row in metrics.jsonl (main process) and its scalars to the trackers."""
+        if self.main:
+            self.log.write(type="eval", split=split, step=self.state.step, epoch=epoch, **scalar_metrics(m),
+                           per_class=m["per_class"], confusion_matrix=m["confusion_matrix"], **extra)
+        self.runtime.track(split, scalar_metrics(m), self.state.step)
 
     @contextlib.contextmanager
     def failures_recorded(self):
