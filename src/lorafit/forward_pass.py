@@ -109,11 +109,11 @@ def fast_dropout(model: nn.Module):
             setattr(module, name, child)
 
 
-def calibrate_int8_on_sample(model, enc: Encoded, prefix, pad_id, device, rows: int = 64) -> None:
-    """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows."""
+def calibrate_int8_on_sample(model, enc: Encoded, forward, pad_id, device, rows: int = 64) -> None:
+    """Quantise the int8 frozen weights (frozen.py) with activation ranges from the first training rows.
+    `forward`: predict_logits' forward over the training split (ForwardPass.eval_forward), or None."""
     n = min(rows, len(enc))
     sample = Encoded(enc.input_ids[:n], enc.labels[:n], None)  # rows 0..n-1: the cache's too
-    forward = (lambda batch: prefix.logits(model, batch, "train", device)) if prefix is not None else None
     calibrate_int8(model, lambda: predict_logits(model, sample, n, pad_id, device, forward=forward))
 
 
@@ -170,6 +170,8 @@ def apply(cfg: Config, model: nn.Module, precision: str, device: torch.device, e
     prefix, prefix_time, prefix_decision = build_prefix_cache(
         cfg, model, encoded, pad_id, precision, device, lambda: autocast(precision, device.type), console, reuse=reuse)
     plan = speed_paths(cfg, precision, device.type, prefix)
+    forward = ForwardPass(precision, device, plan["attention_kernel"], prefix, prefix_time,
+                          {"speed_paths": plan, "prefix_cache": prefix_decision}, undo)
     try:
         if plan["fast_dropout"]:
             undo.enter_context(fast_dropout(model))
@@ -177,9 +179,8 @@ def apply(cfg: Config, model: nn.Module, precision: str, device: torch.device, e
             frozen = None if plan["frozen_weights"] == "fp32" else plan["frozen_weights"]
             undo.enter_context(frozen_linears(model, frozen, fuse_lora=plan["fused_lora"]))
             if frozen == "int8":
-                calibrate_int8_on_sample(model, encoded["train"], prefix, pad_id, device)
+                calibrate_int8_on_sample(model, encoded["train"], forward.eval_forward(model, "train"), pad_id, device)
     except BaseException:
         undo.close()
         raise
-    return ForwardPass(precision, device, plan["attention_kernel"], prefix, prefix_time,
-                       {"speed_paths": plan, "prefix_cache": prefix_decision}, undo)
+    return forward
