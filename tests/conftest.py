@@ -60,14 +60,31 @@ def _bpe_tokenizer():
     return tok
 
 
+class CountedTokenizer:
+    """A tokenizer that records how many texts each call is given (`calls`); anything else is the tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, batch, **kwargs):
+        self.calls.append(len(batch))
+        return self.tokenizer(batch, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def write_table(df, path: Path, fmt: str, row_group_size=None) -> None:
-    """`df` as an input file in `fmt` (csv, csv.gz, tsv, jsonl, parquet, txt: the text column alone, pkl)."""
+    """`df` as an input file in `fmt` (csv, csv.gz, tsv, jsonl, json: one array of records, parquet, txt: the text
+    column alone, pkl)."""
     if fmt in ("csv", "csv.gz"):
         df.to_csv(path, index=False)
     elif fmt == "tsv":
         df.to_csv(path, sep="\t", index=False)
     elif fmt == "jsonl":
         df.to_json(path, orient="records", lines=True)
+    elif fmt == "json":
+        df.to_json(path, orient="records")
     elif fmt == "parquet":
         df.to_parquet(path, row_group_size=row_group_size)
     elif fmt == "txt":

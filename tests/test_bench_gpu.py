@@ -88,17 +88,20 @@ def test_tiny_mode_gives_the_whole_table(load_bench, tmp_path):
 
 
 def test_a_run_stopped_midway_keeps_the_rows_it_measured(load_bench, tmp_path, monkeypatch):
-    """The device's time limit kills the run where it is: every finished row is already in results.md/.json."""
+    """The device's time limit kills the run where it is (SIGKILL: no handler, no cleanup runs): every finished row
+    is already in results.md/.json when the next one starts."""
     bench = load_bench("gpu")
     measured = bench.run_lorafit
+    report = tmp_path / "report"
 
     def stopped_at_the_second_row(row, *args):
-        if row == "lorafit":
-            raise KeyboardInterrupt  # what the time limit's signal does to the run
+        if row == "lorafit":  # what is on disk at this moment is what a kill here leaves
+            on_disk = json.loads((report / "results.json").read_text())
+            assert [r["row"] for r in on_disk["training"]] == ["lorafit-peer"]
+            raise KeyboardInterrupt  # stands in for the kill: the run ends here
         return measured(row, *args)
 
     monkeypatch.setattr(bench, "run_lorafit", stopped_at_the_second_row)
-    report = tmp_path / "report"
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--tiny", "--out", str(tmp_path / "work"), "--report-dir", str(report),
                     "--only", "lorafit-peer,lorafit"])

@@ -1,9 +1,11 @@
 """Loading from each file format, label forms, joined columns, cleaning and splits."""
 
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CountedTokenizer, write_table
 
 from lorafit.config import DataConfig
 from lorafit.data import AG_NEWS_LABELS, LengthGroupedBatches, clean_text, load_data, read_table
@@ -17,20 +19,8 @@ def _frame(rows=ROWS):
     return pd.DataFrame({"text": [t for t, _ in rows], "label": [l for _, l in rows]})
 
 
-def _write(df: pd.DataFrame, path):
-    suffix = path.suffix
-    if suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif suffix == ".tsv":
-        df.to_csv(path, index=False, sep="\t")
-    elif suffix == ".jsonl":
-        df.to_json(path, orient="records", lines=True)
-    elif suffix == ".json":
-        df.to_json(path, orient="records")
-    elif suffix == ".parquet":
-        df.to_parquet(path)
-    elif suffix == ".pkl":
-        df.to_pickle(path)
+def _write(df: pd.DataFrame, path: Path) -> Path:
+    write_table(df, path, path.suffix[1:])  # the format is the file's suffix
     return path
 
 
@@ -128,16 +118,11 @@ def test_inference_tokenizes_once_and_gets_the_training_ids(tiny_model_dir, fami
 
     tokenizer = load_tokenizer(str(tiny_model_dir(family)))
     texts = ["short one", "stocks rose " * 40, "", "a goal in the last minute of the match " * 5, "x"]
-    calls = []
-
-    def counted(batch, **kwargs):
-        calls.append(len(batch))
-        return tokenizer(batch, **kwargs)
-
+    counted = CountedTokenizer(tokenizer)
     training = encode(counted, texts, 16)
-    assert calls == [5, 2] and training.full_lengths.max() > 16  # the long texts again, truncated
-    calls.clear()
+    assert counted.calls == [5, 2] and training.full_lengths.max() > 16  # the long texts again, truncated
+    counted.calls.clear()
     inference = encode(counted, texts, 16, full_lengths=False)
-    assert calls == [5] and inference.full_lengths is None
+    assert counted.calls == [5] and inference.full_lengths is None
     assert inference.input_ids == training.input_ids and max(len(ids) for ids in inference.input_ids) == 16
     assert inference.labels.tolist() == [-1] * 5

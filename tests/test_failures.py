@@ -142,9 +142,9 @@ def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_wi
     from lorafit.cli import app
     from lorafit.train import resume
 
-    train_mod = sys.modules["lorafit.recipe"]  # the module: `lorafit.train` is bound to the function
+    recipe_mod = sys.modules["lorafit.recipe"]  # the module whose evaluate() calls predict_logits
 
-    real_predict, calls = train_mod.predict_logits, []
+    real_predict, calls = recipe_mod.predict_logits, []
 
     def predict_then_oom(*args, **kwargs):  # what evaluate() runs its batches through
         calls.append(1)
@@ -153,9 +153,9 @@ def test_out_of_memory_while_evaluating_names_the_eval_batch_size_and_resumes_wi
         return real_predict(*args, **kwargs)
 
     run_dir = oom_config("oom-eval")
-    monkeypatch.setattr(train_mod, "predict_logits", predict_then_oom)
+    monkeypatch.setattr(recipe_mod, "predict_logits", predict_then_oom)
     result = CliRunner().invoke(app, ["train", str(run_dir / "config.yaml")])
-    monkeypatch.setattr(train_mod, "predict_logits", real_predict)
+    monkeypatch.setattr(recipe_mod, "predict_logits", real_predict)
     run = run_dir / "run"
     assert result.exit_code == 2, result.output
     assert (f"CUDA out of memory at step 4 while evaluating with --eval-batch-size 32: checkpoint saved at step 4: "
@@ -182,8 +182,8 @@ def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_compl
     from lorafit.recipe import TrainingRecipe
     from lorafit.train import resume, train
 
-    train_mod = sys.modules["lorafit.recipe"]
-    real_predict, real_finish, finishing = train_mod.predict_logits, TrainingRecipe._finish, []
+    recipe_mod = sys.modules["lorafit.recipe"]
+    real_predict, real_finish, finishing = recipe_mod.predict_logits, TrainingRecipe._finish, []
 
     def finish(self, evaluate_test):
         finishing.append(True)
@@ -195,12 +195,12 @@ def test_out_of_memory_in_the_test_evaluation_leaves_a_run_that_resumes_to_compl
         return real_predict(*args, **kwargs)
 
     run_dir = oom_config("oom-test")
-    monkeypatch.setattr(train_mod, "predict_logits", oom_on_the_test_split)
+    monkeypatch.setattr(recipe_mod, "predict_logits", oom_on_the_test_split)
     monkeypatch.setattr(TrainingRecipe, "_finish", finish)
     with pytest.raises(LorafitError, match=r"at step 10 while evaluating with --eval-batch-size 32: checkpoint saved "
                                            r"at step 10: resume with: .* --eval-batch-size 16"):
         train(str(run_dir / "config.yaml"))
-    monkeypatch.setattr(train_mod, "predict_logits", real_predict)
+    monkeypatch.setattr(recipe_mod, "predict_logits", real_predict)
     monkeypatch.setattr(TrainingRecipe, "_finish", real_finish)
     assert not (run_dir / "run" / "model").exists()
     resumed = resume(run_dir / "run", eval_batch_size=16)

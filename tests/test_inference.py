@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import lorafit
 from lorafit.cli import app
 
-from conftest import SAMPLE_TEXTS, encoder_alone, tiny_config, write_table
+from conftest import SAMPLE_TEXTS, CountedTokenizer, encoder_alone, tiny_config, write_table
 
 runner = CliRunner()
 
@@ -214,15 +214,6 @@ def test_prediction_tokenizes_each_text_once(tiny_run):
     """Long texts too: prediction needs no untruncated lengths, so it makes one truncating pass (data.encode)."""
     clf = lorafit.load(tiny_run, backend="torch")
     texts = [SAMPLE_TEXTS[0] * 40, SAMPLE_TEXTS[1]]  # the first is far longer than the run's max_length
-    tokenizer, calls = clf.tokenizer, []
-
-    class Counted:
-        def __call__(self, batch, **kwargs):
-            calls.append(len(batch))
-            return tokenizer(batch, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-    clf.tokenizer = Counted()
-    assert clf.predict_proba(texts).shape == (2, len(clf.classes_)) and calls == [2]
+    assert len(clf.tokenizer(texts[:1])["input_ids"][0]) > clf.max_length
+    clf.tokenizer = counted = CountedTokenizer(clf.tokenizer)
+    assert clf.predict_proba(texts).shape == (2, len(clf.classes_)) and counted.calls == [2]

@@ -143,7 +143,7 @@ def test_budget_count_on_meta_skeleton_matches_the_built_model(tiny_model_dir, f
 
 
 def test_budget_count_follows_the_trials_architecture_not_the_base_configs(tiny_model_dir):
-    """pooling and num_layers may be searched: one counter (made from the study's base config) counts each trial's
+    """pooling and num_layers may be searched: one counter (made from the study's label names) counts each trial's
     own architecture, as prepare_model would build it."""
     from lorafit.model import prepare_model
 
